@@ -19,6 +19,9 @@ MAX_LAYERS = 16  # depth beyond this does not train well with plain MLPs anyway
 MAX_BATCH_SIZE = 65_536  # more than the dataset adds nothing and buffers grow with it
 JOB_EVENTS_MAXLEN = 10_000  # per-job progress stream is capped (approximate trim)
 RECONNECT_MAX_SECONDS = 10.0  # ceiling of the exponential backoff when Redis is down
+MAX_JOB_BYTES = 4 * 1024 * 1024  # a job is a description plus at most a toy data set
+MAX_LEARNING_RATE = 10.0  # anything larger diverges for every network this trains
+CLAIM_BLOCK_SECONDS = 1.0  # an idle worker notices a shutdown request within this
 
 # --- snapshots and the registry --------------------------------------------------------------
 MAX_SNAPSHOT_BYTES = 256 * 1024 * 1024  # weights are stored in Redis; bound what one can add
@@ -33,6 +36,8 @@ MAX_BATCH = 256  # dynamic batching: rows in one forward pass
 MAX_QUEUE_DELAY_MS = 0.0  # adaptive batching: never wait on an empty queue (see README)
 RECONCILE_SECONDS = 30.0  # safety-net reread of the registry besides the event stream
 SERVER_WORKERS = 8  # gRPC handler threads; NumPy releases the GIL inside matmul
+STANDBY_VERSIONS = 4  # recent versions kept loaded for requests naming one (~0.5 MB each)
+EVENTS_BLOCK_SECONDS = 1.0  # a blocked stream read wakes at once on events; this bounds shutdown
 
 # --- local training ---------------------------------------------------------------------------
 MNIST_CLASSES = 10
