@@ -12,8 +12,15 @@ _GRID_X = (_grid_x.ravel() - _CENTRE).astype(np.float32)
 _GRID_Y = (_grid_y.ravel() - _CENTRE).astype(np.float32)
 
 
-def augment_batch(batch: np.ndarray, rng: np.random.Generator, *, shift: float, rotate: float,
-                  zoom: float = 0.0, fill: float = 0.0) -> None:
+def augment_batch(
+    batch: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    shift: float,
+    rotate: float,
+    zoom: float = 0.0,
+    fill: float = 0.0,
+) -> None:
     """Warp each row of ``batch (n, 784)`` in place by a random affine map.
 
     Each image is rotated by up to ``rotate`` degrees, zoomed by up to ``zoom`` (a fraction), and
@@ -24,10 +31,29 @@ def augment_batch(batch: np.ndarray, rng: np.random.Generator, *, shift: float, 
     if n == 0 or (shift == 0 and rotate == 0 and zoom == 0):
         return
     dt = batch.dtype
-    theta = np.deg2rad(rng.uniform(-rotate, rotate, size=(n, 1))).astype(dt)
-    inv_zoom = (1.0 / rng.uniform(1 - zoom, 1 + zoom, size=(n, 1))).astype(dt)
+    degrees = rng.uniform(-rotate, rotate, size=(n, 1)).astype(dt)
+    zooms = rng.uniform(1 - zoom, 1 + zoom, size=(n, 1)).astype(dt)
     tx = rng.uniform(-shift, shift, size=(n, 1)).astype(dt)
     ty = rng.uniform(-shift, shift, size=(n, 1)).astype(dt)
+    warp_batch(batch, degrees, zooms, tx, ty, fill)
+
+
+def warp_batch(
+    batch: np.ndarray,
+    degrees: np.ndarray,
+    zooms: np.ndarray,
+    tx: np.ndarray,
+    ty: np.ndarray,
+    fill: float,
+) -> None:
+    """Rotate each image of ``batch (n, 784)`` by ``degrees``, zoom, then move it by (tx, ty).
+
+    The four parameter arrays are ``(n, 1)``; positive ``tx``/``ty`` move content right/down.
+    """
+    n = batch.shape[0]
+    dt = batch.dtype
+    theta = np.deg2rad(degrees).astype(dt)
+    inv_zoom = (1 / zooms).astype(dt)
     cos, sin = np.cos(theta) * inv_zoom, np.sin(theta) * inv_zoom
     # Source coordinate of every output pixel: inverse rotation/zoom of (output - shift).
     gx = _GRID_X.astype(dt) - tx

@@ -106,7 +106,12 @@ def loss_value(name: str, A: np.ndarray, Y: np.ndarray) -> float:
 
 
 def output_delta(
-    loss: str, activation: str, A: np.ndarray, Y: np.ndarray, scale: float, out: np.ndarray,
+    loss: str,
+    activation: str,
+    A: np.ndarray,
+    Y: np.ndarray,
+    scale: float,
+    out: np.ndarray,
     scratch: np.ndarray,
 ) -> None:
     """Write ``scale`` * dL/dZ of the output layer into ``out`` (``scale`` folds in 1/n and lr)."""
@@ -132,7 +137,7 @@ def output_delta(
 def initial_weights(
     fan_in: int, fan_out: int, scheme: str, activation: str, rng: np.random.Generator, dtype
 ) -> np.ndarray:
-    """Weights ``(fan_in, fan_out)`` drawn by ``scheme``; ``auto`` is He for ReLU, Glorot otherwise."""
+    """Weights ``(fan_in, fan_out)`` by ``scheme``; ``auto`` is He for ReLU, Glorot otherwise."""
     if scheme == "auto":
         scheme = "he" if activation == "relu" else "glorot"
     if scheme == "normal":  # std = fan_in ** -0.5, as 'Make Your Own Neural Network'
@@ -198,7 +203,9 @@ class MLP:
             raise ValueError("weights and biases need one array per layer")
         dtypes = {p.dtype for p in self.parameters()}
         if len(dtypes) != 1 or next(iter(dtypes)).type not in DTYPES.values():
-            raise ValueError(f"parameters must all be float32 or all float64, got {sorted(map(str, dtypes))}")
+            raise ValueError(
+                f"parameters must all be float32 or all float64, got {sorted(map(str, dtypes))}"
+            )
         for layer, (W, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             expected = (self.sizes[layer], self.sizes[layer + 1])
             if W.shape != expected or b.shape != expected[1:]:
@@ -229,8 +236,14 @@ class MLP:
             for i in range(len(sizes) - 1)
         ]
         biases = [np.zeros(sizes[i + 1], dtype=np_dtype) for i in range(len(sizes) - 1)]
-        return cls(tuple(sizes), tuple(activations), loss, weights, biases,
-                   input_scaling or InputScaling.unit())
+        return cls(
+            tuple(sizes),
+            tuple(activations),
+            loss,
+            weights,
+            biases,
+            input_scaling or InputScaling.unit(),
+        )
 
     @property
     def dtype(self) -> np.dtype:
@@ -247,23 +260,28 @@ class MLP:
     def astype(self, dtype: str) -> MLP:
         """A copy with parameters in ``dtype`` (float64 for gradient checks)."""
         np_dtype = DTYPES[dtype]
-        return MLP(self.sizes, self.activations, self.loss,
-                   [W.astype(np_dtype) for W in self.weights],
-                   [b.astype(np_dtype) for b in self.biases], self.input_scaling)
+        return MLP(
+            self.sizes,
+            self.activations,
+            self.loss,
+            [W.astype(np_dtype) for W in self.weights],
+            [b.astype(np_dtype) for b in self.biases],
+            self.input_scaling,
+        )
 
     def copy(self) -> MLP:
         return self.astype(str(self.dtype))
 
     def forward(self, X: np.ndarray, chunk: int = 4096) -> np.ndarray:
-        """Output activations for already-scaled inputs ``X (n, sizes[0])``, in chunks of ``chunk``."""
+        """Output activations for already-scaled inputs ``X (n, sizes[0])``, in chunks."""
         X = np.asarray(X, dtype=self.dtype)
         if X.ndim != 2 or X.shape[1] != self.sizes[0]:
             raise ValueError(f"inputs must have shape (n, {self.sizes[0]}), got {X.shape}")
         out = np.empty((X.shape[0], self.sizes[-1]), dtype=self.dtype)
         ws = Workspace(self, min(chunk, max(1, X.shape[0])))
         for start in range(0, X.shape[0], chunk):
-            part = X[start:start + chunk]
-            out[start:start + len(part)] = ws.forward(part)
+            part = X[start : start + chunk]
+            out[start : start + len(part)] = ws.forward(part)
         return out
 
     def predict_proba(self, raw: np.ndarray) -> np.ndarray:
@@ -294,7 +312,9 @@ class Workspace:
         self.A[0][:n] = X[:n]
         return self.forward_filled(n)
 
-    def forward_filled(self, n: int, dropout: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    def forward_filled(
+        self, n: int, dropout: float = 0.0, rng: np.random.Generator | None = None
+    ) -> np.ndarray:
         """Forward pass of the ``n`` rows already in ``A[0]``; inverted dropout on hidden layers."""
         m = self.model
         last = len(m.weights) - 1
@@ -323,8 +343,15 @@ class Workspace:
         m = self.model
         L = len(m.weights)
         out_delta = self.delta[-1][:n]
-        output_delta(m.loss, m.activations[-1], self.A[-1][:n], Y[:n], scale / n, out_delta,
-                     self.scratch[-1][:n])
+        output_delta(
+            m.loss,
+            m.activations[-1],
+            self.A[-1][:n],
+            Y[:n],
+            scale / n,
+            out_delta,
+            self.scratch[-1][:n],
+        )
         ones = self.ones[:, :n]
         for layer in range(L - 1, -1, -1):
             delta = self.delta[layer][:n]
@@ -335,11 +362,12 @@ class Workspace:
                 np.matmul(delta, m.weights[layer].T, out=below)
                 if self.dropout_active:
                     below *= self.mask[layer - 1][:n]
-                activation_backward(m.activations[layer - 1], self.A[layer][:n], below,
-                                    self.scratch[layer - 1][:n])
+                activation_backward(
+                    m.activations[layer - 1], self.A[layer][:n], below, self.scratch[layer - 1][:n]
+                )
 
     def loss_and_gradients(self, X: np.ndarray, Y: np.ndarray) -> tuple[float, list[np.ndarray]]:
-        """Mean loss and its gradients (W0, b0, W1, b1, ...) for one batch; used by gradient checks."""
+        """Mean loss and its gradients (W0, b0, W1, b1, ...) on one batch, for gradient checks."""
         n = X.shape[0]
         A = self.forward(X, n)
         loss = loss_value(self.model.loss, A, Y)
@@ -348,8 +376,9 @@ class Workspace:
         return loss, grads
 
 
-def one_hot(labels: np.ndarray, classes: int, low: float = 0.0, high: float = 1.0,
-            dtype=np.float32) -> np.ndarray:
+def one_hot(
+    labels: np.ndarray, classes: int, low: float = 0.0, high: float = 1.0, dtype=np.float32
+) -> np.ndarray:
     """Targets ``(n, classes)``: ``high`` at each label, ``low`` elsewhere; one column if binary."""
     labels = np.asarray(labels)
     if classes == 1:

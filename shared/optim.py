@@ -1,4 +1,4 @@
-"""Optimisers (SGD with momentum or Nesterov, Adam) with L2 weight decay, and learning-rate schedules.
+"""Optimisers (SGD, momentum, Nesterov, Adam) with L2 weight decay, and learning-rate schedules.
 
 Optimisers update parameters in place from the gradients a ``Workspace`` leaves behind. SGD asks for
 gradients already multiplied by the learning rate (``grad_scale``), which saves a pass over every
@@ -20,8 +20,13 @@ SCHEDULES = ("constant", "step", "cosine")
 class SGD:
     """Plain, heavy-ball or Nesterov SGD; the velocity holds lr-scaled gradients."""
 
-    def __init__(self, params: list[np.ndarray], momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: list[np.ndarray],
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ) -> None:
         self.params = params
         self.momentum = momentum
         self.nesterov = nesterov
@@ -62,10 +67,16 @@ class SGD:
 
 
 class Adam:
-    """Adam (Kingma & Ba) with L2 weight decay added to the gradient."""
+    """Adam (Kingma & Ba, in the paper's efficient ordering) with L2 decay added to the gradient."""
 
-    def __init__(self, params: list[np.ndarray], beta1: float = 0.9, beta2: float = 0.999,
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: list[np.ndarray],
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
         self.params = params
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.weight_decay = weight_decay
@@ -112,9 +123,16 @@ class Adam:
         self.t = int(arrays["t"])
 
 
-def make_optimiser(name: str, params: list[np.ndarray], *, momentum: float = 0.9,
-                   weight_decay: float = 0.0, beta1: float = 0.9, beta2: float = 0.999,
-                   eps: float = 1e-8) -> SGD | Adam:
+def make_optimiser(
+    name: str,
+    params: list[np.ndarray],
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+) -> SGD | Adam:
     """The optimiser called ``name`` (one of ``OPTIMISERS``) over ``params``."""
     if name == "sgd":
         return SGD(params, weight_decay=weight_decay)
@@ -127,9 +145,17 @@ def make_optimiser(name: str, params: list[np.ndarray], *, momentum: float = 0.9
     raise ValueError(f"optimiser must be one of {OPTIMISERS}, got {name!r}")
 
 
-def learning_rate(schedule: str, base_lr: float, progress: float, *, epoch: int = 0,
-                  step_epochs: int = 10, gamma: float = 0.1, min_lr: float = 0.0,
-                  warmup: float = 0.0) -> float:
+def learning_rate(
+    schedule: str,
+    base_lr: float,
+    progress: float,
+    *,
+    epoch: int = 0,
+    step_epochs: int = 10,
+    gamma: float = 0.1,
+    min_lr: float = 0.0,
+    warmup: float = 0.0,
+) -> float:
     """Learning rate at ``progress`` (0..1 through training; ``epoch`` for step decay).
 
     ``warmup`` is the fraction of training spent ramping linearly up from ``base_lr / 10``.

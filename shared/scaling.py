@@ -44,9 +44,13 @@ class InputScaling:
         try:
             offset, scale = float(data["offset"]), float(data["scale"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"input_scaling must be {{'offset': float, 'scale': float}}, got {data!r}") from exc
+            raise ValueError(
+                f"input_scaling must be {{'offset': float, 'scale': float}}, got {data!r}"
+            ) from exc
         if not (np.isfinite(offset) and np.isfinite(scale)) or scale == 0:
-            raise ValueError(f"input_scaling needs finite offset and non-zero finite scale, got {data!r}")
+            raise ValueError(
+                f"input_scaling needs finite offset and non-zero finite scale, got {data!r}"
+            )
         return cls(offset, scale)
 
 

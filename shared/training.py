@@ -1,4 +1,4 @@
-"""The training loop: mini-batch (or per-sample) training with callbacks, checkpoints and evaluation."""
+"""The training loop: mini-batch or per-sample training with callbacks, checkpoints, evaluation."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from shared.augment import augment_batch
 from shared.dataset import Dataset
 from shared.mlp import MLP, Workspace, loss_value, one_hot
 from shared.optim import OPTIMISERS, SCHEDULES, learning_rate, make_optimiser
+from shared.per_sample import SparseInputSGD
 
 
 @dataclass(frozen=True)
@@ -101,16 +102,22 @@ class Evaluation:
         return {"loss": self.loss, "accuracy": self.accuracy, "count": self.count}
 
 
-def evaluate(model: MLP, data: Dataset, *, target_low: float = 0.0, target_high: float = 1.0,
-             chunk: int = 2048) -> Evaluation:
+def evaluate(
+    model: MLP,
+    data: Dataset,
+    *,
+    target_low: float = 0.0,
+    target_high: float = 1.0,
+    chunk: int = 2048,
+) -> Evaluation:
     """Loss, accuracy and confusion matrix of ``model`` on ``data``."""
     classes = model.sizes[-1]
     bins = max(classes, 2)
     confusion = np.zeros((bins, bins), dtype=np.int64)
     total_loss = 0.0
     for start in range(0, len(data), chunk):
-        raw = data.features[start:start + chunk]
-        labels = data.labels[start:start + chunk]
+        raw = data.features[start : start + chunk]
+        labels = data.labels[start : start + chunk]
         out = model.predict_proba(raw)
         Y = one_hot(labels, classes, target_low, target_high, model.dtype)
         total_loss += loss_value(model.loss, out, Y) * len(labels)
@@ -162,9 +169,15 @@ class EpochReport:
     state: TrainingState = field(repr=False)  # references live arrays: copy before keeping
 
     def summary(self) -> dict:
-        out = {"epoch": self.epoch, "epochs": self.epochs, "train_loss": self.train_loss,
-               "train_accuracy": self.train_accuracy, "seconds": self.seconds,
-               "samples_per_second": self.samples_per_second, "lr": self.lr}
+        out = {
+            "epoch": self.epoch,
+            "epochs": self.epochs,
+            "train_loss": self.train_loss,
+            "train_accuracy": self.train_accuracy,
+            "seconds": self.seconds,
+            "samples_per_second": self.samples_per_second,
+            "lr": self.lr,
+        }
         if self.test is not None:
             out["test_loss"] = self.test.loss
             out["test_accuracy"] = self.test.accuracy
@@ -193,9 +206,15 @@ class FitResult:
     test: Evaluation | None
 
 
-def fit(model: MLP, train: Dataset, config: TrainConfig, *, test: Dataset | None = None,
-        resume: TrainingState | None = None,
-        callbacks: TrainingCallbacks | None = None) -> FitResult:
+def fit(
+    model: MLP,
+    train: Dataset,
+    config: TrainConfig,
+    *,
+    test: Dataset | None = None,
+    resume: TrainingState | None = None,
+    callbacks: TrainingCallbacks | None = None,
+) -> FitResult:
     """Train ``model`` in place on ``train``; evaluate on ``test`` after each epoch if given.
 
     With ``resume`` the loop continues after ``resume.epoch`` epochs exactly as an uninterrupted
@@ -207,8 +226,9 @@ def fit(model: MLP, train: Dataset, config: TrainConfig, *, test: Dataset | None
     X = model.input_scaling.apply(train.features, dt)
     Y = one_hot(train.labels, classes, config.target_low, config.target_high, dt)
     params = model.parameters()
-    optimiser = make_optimiser(config.optimiser, params, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
+    optimiser = make_optimiser(
+        config.optimiser, params, momentum=config.momentum, weight_decay=config.weight_decay
+    )
     _, rng = training_rngs(config.seed)
     first_epoch = 0
     if resume is not None:
@@ -227,6 +247,15 @@ def fit(model: MLP, train: Dataset, config: TrainConfig, *, test: Dataset | None
     grads = [g for pair in zip(ws.grad_W, ws.grad_b, strict=True) for g in pair]
     augmenting = config.shift > 0 or config.rotate > 0 or config.zoom > 0
     fill = model.input_scaling.offset
+    per_sample = None
+    if (
+        bs == 1
+        and config.optimiser == "sgd"
+        and not config.weight_decay
+        and not config.dropout
+        and not augmenting
+    ):
+        per_sample = SparseInputSGD(model, train.features)
     history: list[dict] = []
     evaluation = None
     started = time.perf_counter()
@@ -239,37 +268,75 @@ def fit(model: MLP, train: Dataset, config: TrainConfig, *, test: Dataset | None
         correct = 0
         seen = 0
         for batch in range(batches):
-            idx = order[batch * bs:(batch + 1) * bs]
+            idx = order[batch * bs : (batch + 1) * bs]
             nb = len(idx)
-            Xb = ws.A[0][:nb]
-            np.take(X, idx, axis=0, out=Xb)
-            np.take(Y, idx, axis=0, out=Yb[:nb])
+            if per_sample is not None:
+                i = int(idx[0])
+                Xb, Yb = X[i : i + 1], Y[i : i + 1]  # views: nothing to gather for one row
+            else:
+                Xb = ws.A[0][:nb]
+                np.take(X, idx, axis=0, out=Xb)
+                np.take(Y, idx, axis=0, out=Yb[:nb])
             if augmenting:
-                augment_batch(Xb, rng, shift=config.shift, rotate=config.rotate,
-                              zoom=config.zoom, fill=fill)
-            lr = learning_rate(config.schedule, config.lr, (epoch * batches + batch) / total_steps,
-                               epoch=epoch, step_epochs=config.step_epochs, gamma=config.gamma,
-                               min_lr=config.min_lr, warmup=config.warmup)
-            out = ws.forward_filled(nb, config.dropout, rng)
+                augment_batch(
+                    Xb, rng, shift=config.shift, rotate=config.rotate, zoom=config.zoom, fill=fill
+                )
+            lr = learning_rate(
+                config.schedule,
+                config.lr,
+                (epoch * batches + batch) / total_steps,
+                epoch=epoch,
+                step_epochs=config.step_epochs,
+                gamma=config.gamma,
+                min_lr=config.min_lr,
+                warmup=config.warmup,
+            )
+            if per_sample is not None:
+                out = per_sample.step(i, Xb, Yb, lr)
+            else:
+                out = ws.forward_filled(nb, config.dropout, rng)
             loss_sum += loss_value(model.loss, out, Yb[:nb]) * nb
             correct += int(np.count_nonzero(predictions(out) == train.labels[idx]))
             seen += nb
-            ws.backward(Yb, nb, optimiser.grad_scale(lr))
-            optimiser.step(grads, lr)
+            if per_sample is None:
+                ws.backward(Yb, nb, optimiser.grad_scale(lr))
+                optimiser.step(grads, lr)
             now = time.perf_counter()
-            callbacks.on_batch(BatchProgress(epoch, batch + 1, batches, loss_sum / seen,
-                                             correct / seen, seen / max(now - epoch_start, 1e-9),
-                                             lr, now - started))
+            callbacks.on_batch(
+                BatchProgress(
+                    epoch,
+                    batch + 1,
+                    batches,
+                    loss_sum / seen,
+                    correct / seen,
+                    seen / max(now - epoch_start, 1e-9),
+                    lr,
+                    now - started,
+                )
+            )
             if callbacks.should_stop():
+                if per_sample is not None:
+                    per_sample.fold()
                 return FitResult(epoch, True, time.perf_counter() - started, history, evaluation)
+        if per_sample is not None:
+            per_sample.fold()
         seconds = time.perf_counter() - epoch_start
         if test is not None:
-            evaluation = evaluate(model, test, target_low=config.target_low,
-                                  target_high=config.target_high)
-        state = TrainingState(epoch + 1, params, optimiser.state_arrays(),
-                              rng.bit_generator.state)
-        report = EpochReport(epoch + 1, config.epochs, loss_sum / seen, correct / seen, evaluation,
-                             seconds, seen / seconds, lr, state)
+            evaluation = evaluate(
+                model, test, target_low=config.target_low, target_high=config.target_high
+            )
+        state = TrainingState(epoch + 1, params, optimiser.state_arrays(), rng.bit_generator.state)
+        report = EpochReport(
+            epoch + 1,
+            config.epochs,
+            loss_sum / seen,
+            correct / seen,
+            evaluation,
+            seconds,
+            seen / seconds,
+            lr,
+            state,
+        )
         history.append(report.summary())
         callbacks.on_epoch(report)
     return FitResult(config.epochs, False, time.perf_counter() - started, history, evaluation)

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-# Each module defines ``register(subparsers)``, which adds its commands with ``set_defaults(run=...)``;
+# Each module defines ``register(subparsers)``, adding commands with ``set_defaults(run=...)``;
 # ``run(args)`` returns the process exit code.
 COMMAND_MODULES = ["train"]
 
