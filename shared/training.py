@@ -325,7 +325,9 @@ def fit(
             evaluation = evaluate(
                 model, test, target_low=config.target_low, target_high=config.target_high
             )
-        state = TrainingState(epoch + 1, params, optimiser.state_arrays(), dict(rng.bit_generator.state))
+        state = TrainingState(
+            epoch + 1, params, optimiser.state_arrays(), dict(rng.bit_generator.state)
+        )
         report = EpochReport(
             epoch + 1,
             config.epochs,
