@@ -39,8 +39,6 @@ SERVER_WORKERS = 8  # gRPC handler threads; NumPy releases the GIL inside matmul
 STANDBY_VERSIONS = 4  # recent versions kept loaded for requests naming one (~0.5 MB each)
 EVENTS_BLOCK_SECONDS = 1.0  # a blocked stream read wakes at once on events; this bounds shutdown
 SHUTDOWN_GRACE_SECONDS = 10.0  # in-flight RPCs finish within this after SIGTERM (k8s allows 30)
-STANDBY_VERSIONS = 4  # recent versions kept loaded for requests naming one (~0.5 MB each)
-EVENTS_BLOCK_SECONDS = 1.0  # a blocked stream read wakes at once on events; this bounds shutdown
 
 # --- local training ---------------------------------------------------------------------------
 MNIST_CLASSES = 10
