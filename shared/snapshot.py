@@ -66,11 +66,14 @@ class Snapshot:
         return self.manifest["version"]
 
 
-def check_model_name(name: object) -> str:
-    """Return ``name`` if it is a valid model name, else raise SnapshotError saying why."""
+def check_name(name: object, what: str = "model name") -> str:
+    """Return ``name`` if it is a valid model (or alias) name, else raise ValueError saying why.
+
+    The pattern leaves out ':' and braces, so a name can never reach into another Redis key.
+    """
     if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name):
-        raise SnapshotError(
-            f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+        raise ValueError(
+            f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name
@@ -350,7 +353,10 @@ def _check_description(manifest: dict) -> None:
     for key in DESCRIPTION_KEYS:
         if key not in manifest:
             raise SnapshotError(f"manifest is missing {key!r}")
-    check_model_name(manifest["model_name"])
+    try:
+        check_name(manifest["model_name"])
+    except ValueError as exc:
+        raise SnapshotError(f"manifest {exc}") from exc
     version = manifest["version"]
     if version is not None and (not _is_int(version) or version < 1):
         raise SnapshotError(f"manifest version must be a positive integer or null, got {version!r}")
