@@ -31,7 +31,8 @@ class InputScaling:
 
     def apply(self, raw: np.ndarray, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """Return ``offset + scale * raw`` as a new array of ``dtype``."""
-        out = np.asarray(raw, dtype=dtype) * dtype_scalar(self.scale, dtype)
+        out = np.array(raw, dtype=dtype)  # one new array, scaled in place
+        out *= dtype_scalar(self.scale, dtype)
         if self.offset:
             out += dtype_scalar(self.offset, dtype)
         return out

@@ -12,6 +12,7 @@ from shared.dataset import Dataset
 from shared.mlp import MLP, Workspace, loss_value, one_hot
 from shared.optim import OPTIMISERS, SCHEDULES, learning_rate, make_optimiser
 from shared.per_sample import SparseInputSGD
+from shared.scaling import InputScaling, dtype_scalar
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,44 @@ class FitResult:
     test: Evaluation | None
 
 
+class ScaledInputs:
+    """Rows of the training features, scaled as the model expects, gathered batch by batch.
+
+    Pixels stay uint8 (a quarter of the memory of a float32 copy) and are scaled per batch,
+    which costs no more than gathering pre-scaled float rows; other features are scaled once.
+    """
+
+    def __init__(self, raw: np.ndarray, scaling: InputScaling, dtype: np.dtype, capacity: int):
+        self.raw = raw
+        self.pixels = raw.dtype == np.uint8
+        if self.pixels:
+            self.buffer = np.empty((capacity, raw.shape[1]), dtype=np.uint8)
+            self.scale = dtype_scalar(scaling.scale, dtype)
+            self.offset = dtype_scalar(scaling.offset, dtype)
+        else:
+            self.scaled = scaling.apply(raw, dtype)
+
+    def row(self, i: int, out: np.ndarray) -> None:
+        """Write scaled row ``i`` into the 1-D ``out``."""
+        if not self.pixels:
+            out[...] = self.scaled[i]
+            return
+        np.multiply(self.raw[i], self.scale, out=out)
+        if self.offset:
+            out += self.offset
+
+    def gather(self, idx: np.ndarray, out: np.ndarray) -> None:
+        """Write the scaled rows ``idx`` into ``out`` (``len(idx)`` rows)."""
+        if not self.pixels:
+            np.take(self.scaled, idx, axis=0, out=out)
+            return
+        rows = self.buffer[: len(idx)]
+        np.take(self.raw, idx, axis=0, out=rows)
+        np.multiply(rows, self.scale, out=out)
+        if self.offset:
+            out += self.offset
+
+
 def fit(
     model: MLP,
     train: Dataset,
@@ -223,7 +262,9 @@ def fit(
     callbacks = callbacks or TrainingCallbacks()
     dt = model.dtype
     classes = model.sizes[-1]
-    X = model.input_scaling.apply(train.features, dt)
+    inputs = ScaledInputs(
+        train.features, model.input_scaling, dt, min(config.batch_size, len(train))
+    )
     Y = one_hot(train.labels, classes, config.target_low, config.target_high, dt)
     params = model.parameters()
     optimiser = make_optimiser(
@@ -270,13 +311,15 @@ def fit(
         for batch in range(batches):
             idx = order[batch * bs : (batch + 1) * bs]
             nb = len(idx)
-            if per_sample is not None:
+            Xb = ws.A[0][:nb]
+            if per_sample is not None:  # one row: slicing beats the gathers' call overhead
                 i = int(idx[0])
-                Xb, Yb = X[i : i + 1], Y[i : i + 1]  # views: nothing to gather for one row
+                inputs.row(i, Xb[0])
+                Ybatch = Y[i : i + 1]
             else:
-                Xb = ws.A[0][:nb]
-                np.take(X, idx, axis=0, out=Xb)
-                np.take(Y, idx, axis=0, out=Yb[:nb])
+                inputs.gather(idx, Xb)
+                Ybatch = Yb[:nb]
+                np.take(Y, idx, axis=0, out=Ybatch)
             if augmenting:
                 augment_batch(
                     Xb, rng, shift=config.shift, rotate=config.rotate, zoom=config.zoom, fill=fill
@@ -292,10 +335,10 @@ def fit(
                 warmup=config.warmup,
             )
             if per_sample is not None:
-                out = per_sample.step(i, Xb, Yb, lr)
+                out = per_sample.step(i, Xb, Ybatch, lr)
             else:
                 out = ws.forward_filled(nb, config.dropout, rng)
-            loss_sum += loss_value(model.loss, out, Yb[:nb]) * nb
+            loss_sum += loss_value(model.loss, out, Ybatch) * nb
             correct += int(np.count_nonzero(predictions(out) == train.labels[idx]))
             seen += nb
             if per_sample is None:
