@@ -47,20 +47,22 @@ PRESETS: dict[str, Preset] = {
         ),
     ),
     "fast": Preset(
-        "784-512-256-10 ReLU, softmax cross-entropy, Nesterov SGD with a cosine schedule",
+        "784-512-256-10 ReLU, softmax cross-entropy, Nesterov SGD, cosine, 1-pixel shifts",
         (784, 512, 256, 10),
         ("relu", "relu", "softmax"),
         "cross_entropy",
         "he",
         InputScaling.unit(),
+        # Measured: 10 epochs without shifts gave 98.54%; 12 with shifts of up to 1 px, 98.96%.
         TrainConfig(
-            epochs=10,
+            epochs=12,
             batch_size=128,
             optimiser="nesterov",
             lr=0.1,
             momentum=0.9,
             schedule="cosine",
             weight_decay=1e-4,
+            shift=1.0,
         ),
     ),
     "best": Preset(
