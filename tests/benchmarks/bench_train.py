@@ -14,6 +14,7 @@ With --json the last line of standard output is one JSON object of every figure.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -64,8 +65,9 @@ def ours_epoch_seconds(train: Dataset, batch_size: int, repeats: int) -> float:
     best = float("inf")
     config = TrainConfig(epochs=1, batch_size=batch_size, optimiser="sgd", lr=LR)
     for _ in range(repeats):
-        model = MLP.create(SIZES, ("relu", "relu", "softmax"), "cross_entropy",
-                           rng=training_rngs(0)[0])
+        model = MLP.create(
+            SIZES, ("relu", "relu", "softmax"), "cross_entropy", rng=training_rngs(0)[0]
+        )
         best = min(best, fit(model, train, config).train_seconds)
     return best
 
@@ -81,7 +83,9 @@ def torch_epoch_seconds(data_dir: str, repeats: int) -> dict[str, float]:
             continue
         out = subprocess.run(
             [python, __file__, "--torch-worker", "--data", data_dir, "--repeats", str(repeats)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return json.loads(out.stdout.strip().splitlines()[-1])
     return {}
@@ -100,15 +104,18 @@ def torch_worker(data_dir: str, repeats: int) -> None:
         for _ in range(repeats):
             torch.manual_seed(0)
             model = torch.nn.Sequential(
-                torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
-                torch.nn.ReLU(), torch.nn.Linear(64, 10),
+                torch.nn.Linear(784, 128),
+                torch.nn.ReLU(),
+                torch.nn.Linear(128, 64),
+                torch.nn.ReLU(),
+                torch.nn.Linear(64, 10),
             )
             opt = torch.optim.SGD(model.parameters(), lr=LR)
             loss_fn = torch.nn.CrossEntropyLoss()
             start = time.perf_counter()
             order = torch.randperm(X.shape[0])
             for i in range(0, X.shape[0], bs):
-                idx = order[i:i + bs]
+                idx = order[i : i + bs]
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model(X[idx]), y[idx])
                 loss.backward()
@@ -120,8 +127,14 @@ def torch_worker(data_dir: str, repeats: int) -> None:
 
 def seed000_epoch_seconds(train: Dataset) -> float:
     preset = PRESETS["seed000"]
-    model = MLP.create(preset.sizes, preset.activations, preset.loss, rng=training_rngs(0)[0],
-                       init=preset.init, input_scaling=preset.input_scaling)
+    model = MLP.create(
+        preset.sizes,
+        preset.activations,
+        preset.loss,
+        rng=training_rngs(0)[0],
+        init=preset.init,
+        input_scaling=preset.input_scaling,
+    )
     config = TrainConfig(**{**preset.config.as_dict(), "epochs": 1})
     return fit(model, train, config).train_seconds
 
@@ -133,8 +146,9 @@ def peak_memory_mb(data_dir: str) -> float:
         f"main(['train', '--preset', 'fast', '--epochs', '1', '--data', {data_dir!r}]); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
     return float(out.stderr.strip().splitlines()[-1])
 
 
@@ -153,7 +167,7 @@ def main() -> None:
     results: dict[str, float | int | str | None] = {}
     peak = sgemm_peak_gflops()
     results["sgemm_peak_gflops"] = round(peak, 1)
-    parameters = sum(a * b + b for a, b in zip(SIZES, SIZES[1:]))
+    parameters = sum(a * b + b for a, b in itertools.pairwise(SIZES))
     for bs in BATCH_SIZES:
         results[f"ours_b{bs}"] = ours_epoch_seconds(train, bs, args.repeats)
     results.update(torch_epoch_seconds(args.data, args.repeats))
@@ -175,16 +189,23 @@ def main() -> None:
     for bs in BATCH_SIZES:
         torch_s = results.get(f"torch_b{bs}")
         ratio = results.get(f"ratio_torch_b{bs}")
-        print(f"{bs:>6} {results[f'ours_b{bs}']:>13.3f} "
-              f"{torch_s if torch_s is None else format(torch_s, '.3f'):>14} "
-              f"{'-' if ratio is None else format(ratio, '.2f'):>11}")
+        print(
+            f"{bs:>6} {results[f'ours_b{bs}']:>13.3f} "
+            f"{torch_s if torch_s is None else format(torch_s, '.3f'):>14} "
+            f"{'-' if ratio is None else format(ratio, '.2f'):>11}"
+        )
     print(f"ours at batch 256 / FLOP bound: {results['ratio_flop_bound_b256']:.2f}")
     print(f"seed000 per-sample epoch: {results['seed000_epoch_seconds']:.2f} s")
-    print(f"peak memory of one training run: {results['peak_rss_mb']:.0f} MB "
-          f"(budget {results['memory_budget_mb']:.0f} MB)")
+    print(
+        f"peak memory of one training run: {results['peak_rss_mb']:.0f} MB "
+        f"(budget {results['memory_budget_mb']:.0f} MB)"
+    )
     if args.json:
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                          for k, v in results.items()}))
+        print(
+            json.dumps(
+                {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()}
+            )
+        )
 
 
 if __name__ == "__main__":
