@@ -14,6 +14,7 @@ from PIL import Image
 
 from inference_service.errors import RequestError, invalid_argument
 from shared.mlp import MLP
+from shared.scaling import dtype_scalar
 
 SIDE = 28
 PIXELS = SIDE * SIDE
@@ -24,7 +25,11 @@ RANGE_TOLERANCE = 1e-4
 
 def scale_pixels(pixels: np.ndarray, model: MLP) -> np.ndarray:
     """Raw 0..255 pixels ``(n, 784)`` to the model's input rows, as its manifest says."""
-    return model.input_scaling.apply(pixels, model.dtype)
+    rows = pixels.astype(model.dtype)  # the same arithmetic as InputScaling.apply, in place
+    rows *= dtype_scalar(model.input_scaling.scale, model.dtype)
+    if model.input_scaling.offset:
+        rows += dtype_scalar(model.input_scaling.offset, model.dtype)
+    return rows
 
 
 def scaled_range(model: MLP) -> tuple[float, float]:

@@ -1,0 +1,305 @@
+"""Load-test the inference service on loopback against a bare grpcio echo server.
+
+    python tests/benchmarks/bench_serve.py [--json] [--seconds 2]
+
+Starts a real redis-server, publishes a 784-128-64-10 network, runs ``python -m
+inference_service`` with adaptive batching and with batching off, and an echo server (generic
+handler, bytes in, the same bytes out: gRPC's own cost and nothing else) in separate processes.
+A closed-loop load generator keeps ``concurrency`` requests outstanding for single images and
+batches of 64 and reports requests/s, images/s and p50/p99 latency. Then it publishes new
+versions under load and measures publication-to-first-answer time. With ``--json`` the last line
+is one JSON object holding the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from shared.mlp import MLP  # noqa: E402
+from shared.redis_server import RedisServer, free_port  # noqa: E402
+from shared.registry import Registry  # noqa: E402
+from shared.snapshot import snapshot_manifest  # noqa: E402
+from shared.wire.mnist.v1 import digits_pb2  # noqa: E402
+
+MODEL = "bench"
+ECHO_METHOD = "/bench.Echo/Echo"
+CONCURRENCY = (1, 8, 32)
+BATCHES = (1, 64)
+WARMUP_SECONDS = 0.5
+
+
+def echo_server(port: int, workers: int) -> None:
+    """A bare grpcio server whose one method returns the request bytes unchanged."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler})]
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def wait_until_listening(target: str) -> grpc.Channel:
+    channel = grpc.insecure_channel(target)
+    grpc.channel_ready_future(channel).result(timeout=30)
+    return channel
+
+
+def network(seed: int) -> MLP:
+    return MLP.create(
+        (784, 128, 64, 10),
+        ("relu", "relu", "softmax"),
+        "cross_entropy",
+        rng=np.random.default_rng(seed),
+    )
+
+
+def publish(registry: Registry, seed: int) -> int:
+    model = network(seed)
+    manifest = snapshot_manifest(model, model_name=MODEL, metrics={"test_accuracy": 0.0})
+    return registry.publish_snapshot(model, manifest)
+
+
+class ClosedLoop:
+    """Keeps ``concurrency`` calls outstanding for a while; records latencies and answers."""
+
+    def __init__(self, call, request, concurrency: int, seconds: float, on_answer=None) -> None:
+        self.call, self.request, self.concurrency = call, request, concurrency
+        self.on_answer = on_answer
+        self.lock = threading.Lock()
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.outstanding = concurrency
+        self.done = threading.Event()
+        self.start = time.perf_counter() + WARMUP_SECONDS
+        self.end = self.start + seconds
+
+    def run(self) -> ClosedLoop:
+        for _ in range(self.concurrency):
+            self._issue()
+        self.done.wait()
+        return self
+
+    def stop(self) -> None:
+        self.end = time.perf_counter()
+
+    def _issue(self) -> None:
+        sent = time.perf_counter()
+        self.call.future(self.request).add_done_callback(lambda f: self._finished(f, sent))
+
+    def _finished(self, future, sent: float) -> None:
+        now = time.perf_counter()
+        try:
+            answer = future.result()
+        except grpc.RpcError:
+            with self.lock:
+                self.errors += 1
+            answer = None
+        if answer is not None and self.on_answer is not None:
+            self.on_answer(answer, now)
+        if self.start <= now <= self.end:
+            with self.lock:
+                self.latencies.append(now - sent)
+        if now < self.end:
+            self._issue()
+        else:
+            with self.lock:
+                self.outstanding -= 1
+                if self.outstanding == 0:
+                    self.done.set()
+
+
+def figures(loops: list[ClosedLoop], seconds: float, images: int) -> dict:
+    """Requests/s, images/s and latency percentiles pooled over the rounds of one setup."""
+    lat = np.concatenate([loop.latencies for loop in loops]) * 1000
+    rps = len(lat) / (seconds * len(loops))
+    return {
+        "rps": round(rps, 1),
+        "images_per_s": round(rps * images, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 3),
+        "p99_ms": round(float(np.percentile(lat, 99)), 3),
+        "errors": sum(loop.errors for loop in loops),
+    }
+
+
+def classify_call(channel: grpc.Channel):
+    return channel.unary_unary(
+        "/mnist.v1.Digits/Classify",
+        request_serializer=digits_pb2.ClassifyRequest.SerializeToString,
+        response_deserializer=digits_pb2.ClassifyResponse.FromString,
+    )
+
+
+def classify_request(images: int) -> digits_pb2.ClassifyRequest:
+    pixels = np.random.default_rng(images).integers(0, 256, (images, 784), dtype=np.uint8)
+    return digits_pb2.ClassifyRequest(
+        model_name=MODEL, images=[digits_pb2.Image(pixels=row.tobytes()) for row in pixels]
+    )
+
+
+def start_inference(redis_url: str, port: int, max_batch: int, workers: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "inference_service",
+            "--model",
+            MODEL,
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--max-batch",
+            str(max_batch),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=REPO,
+        env={**os.environ, "REDIS_URL": redis_url},
+    )
+
+
+def publish_to_serve(channel: grpc.Channel, registry: Registry, versions: int) -> list[float]:
+    """Milliseconds from publishing a version to the first answer it produced, under load."""
+    first_seen: dict[int, float] = {}
+    seen = threading.Condition()
+
+    def on_answer(answer, now: float) -> None:
+        with seen:
+            if answer.model_version not in first_seen:
+                first_seen[answer.model_version] = now
+                seen.notify_all()
+
+    loop = ClosedLoop(classify_call(channel), classify_request(1), 4, 3600, on_answer)
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    delays = []
+    try:
+        for seed in range(100, 100 + versions):
+            published_at = time.perf_counter()
+            version = publish(registry, seed)
+            with seen:
+                if not seen.wait_for(lambda v=version: v in first_seen, timeout=10):
+                    raise RuntimeError(f"version {version} was not served within 10 s")
+            delays.append((first_seen[version] - published_at) * 1000)
+    finally:
+        loop.stop()
+        runner.join()
+    return delays
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    parser.add_argument("--seconds", type=float, default=1.0, help="measured time per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per setup, interleaved")
+    parser.add_argument("--workers", type=int, default=8, help="server threads (both servers)")
+    parser.add_argument("--publications", type=int, default=20)
+    parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.echo_server:
+        echo_server(args.echo_server, args.workers)
+        return 0
+
+    processes: list[subprocess.Popen] = []
+    results: dict[str, dict] = {}
+    with RedisServer() as redis_server:
+        registry = Registry(redis_server.client())
+        publish(registry, 0)
+        try:
+            targets = {}
+            for name, max_batch in (("classify", 256), ("classify_nobatch", 1)):
+                port = free_port()
+                processes.append(start_inference(redis_server.url, port, max_batch, args.workers))
+                targets[name] = port
+            port = free_port()
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--echo-server",
+                        str(port),
+                        "--workers",
+                        str(args.workers),
+                    ]
+                )
+            )
+            targets["echo"] = port
+            channels = {
+                name: wait_until_listening(f"127.0.0.1:{port}") for name, port in targets.items()
+            }
+            for images in BATCHES:
+                request = classify_request(images)
+                payload = request.SerializeToString()
+                for concurrency in CONCURRENCY:
+                    pooled: dict[str, list[ClosedLoop]] = {name: [] for name in channels}
+                    # Rounds alternate the servers so that both see the same background load.
+                    for _ in range(args.rounds):
+                        for name, channel in channels.items():
+                            if name == "echo":
+                                call, body = channel.unary_unary(ECHO_METHOD), payload
+                            else:
+                                call, body = classify_call(channel), request
+                            pooled[name].append(
+                                ClosedLoop(call, body, concurrency, args.seconds).run()
+                            )
+                    for name, loops in pooled.items():
+                        key = f"{name}_b{images}_c{concurrency}"
+                        results[key] = figures(loops, args.seconds, images)
+                        print(f"{key:28s} {results[key]}", flush=True)
+            delays = publish_to_serve(channels["classify"], registry, args.publications)
+            for channel in channels.values():
+                channel.close()
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(timeout=30)
+
+    headline = {
+        "classify_rps_c32": results["classify_b1_c32"]["rps"],
+        "classify_nobatch_rps_c32": results["classify_nobatch_b1_c32"]["rps"],
+        "echo_rps_c32": results["echo_b1_c32"]["rps"],
+        "ratio_echo_c32": round(
+            results["classify_b1_c32"]["rps"] / results["echo_b1_c32"]["rps"], 3
+        ),
+        "p99_ms_c8": results["classify_b1_c8"]["p99_ms"],
+        "echo_p99_ms_c8": results["echo_b1_c8"]["p99_ms"],
+        "p99_ratio_c8": round(
+            results["classify_b1_c8"]["p99_ms"] / results["echo_b1_c8"]["p99_ms"], 3
+        ),
+        "publish_to_serve_p50_ms": round(float(np.percentile(delays, 50)), 2),
+        "publish_to_serve_p99_ms": round(float(np.percentile(delays, 99)), 2),
+        "errors": sum(r["errors"] for r in results.values()),
+        "runs": results,
+    }
+    print(f"publish->serve ms: {[round(d, 1) for d in delays]}")
+    if args.json:
+        print(json.dumps(headline))
+    else:
+        print(json.dumps({k: v for k, v in headline.items() if k != "runs"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
