@@ -52,7 +52,7 @@ IMAGE_SHAPE = (28, 28)  # every MNIST digit is 28x28 pixels
 CLASSES = 10  # digits 0..9
 
 # IDX type code -> big-endian dtype, as listed in the format's definition on the MNIST page.
-IDX_DTYPES = {
+IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -121,12 +121,12 @@ def _parse_idx(data: bytes, path: Path) -> np.ndarray:
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[type_code]
     expected = math.prod(shape) * dtype.itemsize
-    found = len(data) - header_bytes
-    if found != expected:
-        problem = "truncated" if found < expected else f"{found - expected} trailing bytes"
+    payload = len(data) - header_bytes
+    if payload != expected:
+        problem = "truncated" if payload < expected else f"{payload - expected} trailing bytes"
         raise IdxError(
             f"{path}: {problem}: expected {expected} bytes of data for shape {shape} "
-            f"{dtype.newbyteorder('=').name}, found {found}"
+            f"{dtype.newbyteorder('=').name}, found {payload}"
         )
     values = np.frombuffer(data, dtype=dtype, offset=header_bytes).reshape(shape)
     # astype copies: the result is writable and independent of the decompressed buffer.
@@ -179,8 +179,9 @@ def load_mnist(
             f"MNIST files missing in {where}: {', '.join(missing)} (.gz or uncompressed). "
             f"To fix: {_OFFLINE_HINT}, or pass --download when online to fetch them into {cache}."
         )
-    train = _read_split(found[TRAIN_IMAGES], found[TRAIN_LABELS])
-    test = _read_split(found[TEST_IMAGES], found[TEST_LABELS])
+    paths = {name: path for name, path in found.items() if path is not None}
+    train = _read_split(paths[TRAIN_IMAGES], paths[TRAIN_LABELS])
+    test = _read_split(paths[TEST_IMAGES], paths[TEST_LABELS])
     return train, test
 
 
