@@ -27,6 +27,7 @@ from inference_service.server import InferenceServer
 from inference_service.watcher import ModelWatcher
 from shared import defaults
 from shared.registry import Registry
+from shared.snapshot import check_name
 
 log = logging.getLogger("inference_service")
 
@@ -34,7 +35,13 @@ log = logging.getLogger("inference_service")
 def model_policy(text: str) -> tuple[str, str]:
     """``NAME`` or ``NAME=POLICY`` with POLICY latest, an alias or a version number."""
     name, _, policy = text.partition("=")
-    if not name or (_ and not policy):
+    try:
+        check_name(name)
+        if policy:
+            check_name(policy, "policy")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--model {text!r}: {exc}") from None
+    if _ and not policy:
         raise argparse.ArgumentTypeError(f"expected NAME or NAME=POLICY, got {text!r}")
     return name, policy or LATEST
 

@@ -117,8 +117,14 @@ class ModelStore:
     # --- what requests use -------------------------------------------------------------------
 
     def ready(self) -> bool:
-        """Every followed model has a serving version (and, following all, there is one)."""
+        """Every model named by a policy serves a version; following all, at least one does.
+
+        (Following all, a newly published model whose first version is corrupt must not take
+        the server out of rotation.)
+        """
         models = list(self.models.values())
+        if self.follow_all:
+            return any(m.current is not None for m in models)
         return bool(models) and all(m.current is not None for m in models)
 
     def served(self, name: str) -> ServedModel:

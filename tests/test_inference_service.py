@@ -197,3 +197,25 @@ def test_a_corrupt_snapshot_is_rejected_and_the_old_version_serves(redis_client,
             [status] = client.list_models().models
         rejected = next(v for v in status.versions if v.version == bad)
         assert rejected.state == digits_pb2.VersionStatus.REJECTED and rejected.error
+
+
+def test_a_corrupt_latest_at_start_up_serves_the_newest_good_version(redis_client, registry):
+    good = publish(registry, tiny_model(6))
+    bad = registry.publish_encoded(*corrupt_snapshots()["bad_hash"])
+    with serving(redis_client) as s:
+        wait_for(s.store.ready, what="a version loaded")
+        assert s.store.models[MODEL].current.version == good
+        assert bad in s.store.models[MODEL].rejected
+
+
+def test_model_flag_parsing(monkeypatch):
+    # Importing the entry point pins BLAS to one thread for later child processes: undo that.
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from inference_service.__main__ import parse_args
+
+    args = parse_args(["--model", "digits", "--model", "other=production", "--model", "x=3"])
+    assert args.models == [("digits", "latest"), ("other", "production"), ("x", "3")]
+    for bad in ("a:b", "digits=", "=latest"):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", bad])
