@@ -1,0 +1,1 @@
+"""The trainer service: runs training jobs from the Redis queue and publishes snapshot versions."""

@@ -1,0 +1,81 @@
+"""``python -m trainer_service``: flags and environment, connect to Redis, run the worker loop.
+
+Environment (flags win): REDIS_URL (redis:// or rediss://, password in the URL), MNIST_DIR,
+TRAINER_WORKER_ID, TRAINER_LEASE_SECONDS, TRAINER_MAX_DELIVERIES.
+The first SIGTERM or SIGINT stops training at the next batch and hands the job back; a second
+one exits at once (the job is then reclaimed when its lease expires).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from shared import defaults
+from trainer_service.queue import connect
+from trainer_service.worker import Worker, default_worker_id
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer_service",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--redis-url", default=env("REDIS_URL", defaults.REDIS_URL))
+    parser.add_argument("--worker-id", default=env("TRAINER_WORKER_ID") or default_worker_id())
+    parser.add_argument("--data", default=env("MNIST_DIR"), help="folder holding the MNIST files")
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=float(env("TRAINER_LEASE_SECONDS", defaults.LEASE_SECONDS)),
+    )
+    parser.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=int(env("TRAINER_MAX_DELIVERIES", defaults.MAX_DELIVERIES)),
+    )
+    parser.add_argument(
+        "--progress-interval", type=float, default=defaults.PROGRESS_INTERVAL_SECONDS
+    )
+    parser.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    client = connect(args.redis_url)
+    worker = Worker(
+        client,
+        args.worker_id,
+        data_dir=args.data,
+        lease_seconds=args.lease_seconds,
+        max_deliveries=args.max_deliveries,
+        progress_interval=args.progress_interval,
+    )
+
+    def on_signal(signum: int, frame: object) -> None:
+        if worker.shutdown.is_set():
+            os._exit(128 + signum)  # second signal: leave now; the lease expires on its own
+        logging.getLogger("trainer_service").info(
+            "%s: stopping at the next batch and handing the job back", signal.Signals(signum).name
+        )
+        worker.shutdown.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.run(max_jobs=args.max_jobs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""A running job's progress: its status hash and its event stream, written from a background thread.
+
+The training thread only appends to an in-memory buffer (batch progress at most once per
+``interval``, every epoch summary, every publication); a thread drains the buffer into Redis in one
+pipeline per ``interval``, and reads the job's cancel flag on the same round trip. Training never
+waits on Redis: while Redis is unreachable events stay buffered (bounded) and are written when it
+is back. Event stream entries are flat string fields: ``event`` (progress, epoch, published, state)
+and the numbers that go with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import redis
+
+from shared import defaults, keys
+from shared.training import BatchProgress
+from trainer_service.queue import utc_now
+
+log = logging.getLogger("trainer_service.progress")
+
+MAX_BUFFERED_EVENTS = 10_000  # about 80 minutes of progress at two events a second
+
+
+def _fields(values: dict) -> dict[str, str]:
+    """Stream/hash fields as text, floats to 6 significant digits."""
+    return {k: (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in values.items()}
+
+
+class ProgressReporter:
+    """Buffers one job's progress and writes it to Redis every ``interval`` seconds."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        job_id: str,
+        *,
+        epochs: int,
+        interval: float = defaults.PROGRESS_INTERVAL_SECONDS,
+        on_cancel: Callable[[], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.epochs = epochs
+        self.interval = interval
+        self.on_cancel = on_cancel
+        self.cancelled = False
+        self._events: deque[dict[str, str]] = deque(maxlen=MAX_BUFFERED_EVENTS)
+        self._status: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._next_batch_report = 0.0
+        self._baseline: tuple[int, float] | None = None  # (steps done, elapsed) when first seen
+        self._thread = threading.Thread(target=self._run, name=f"progress-{job_id}", daemon=True)
+
+    # --- called by the training thread: cheap, never touches Redis ---
+
+    def batch(self, p: BatchProgress) -> None:
+        """Record batch progress; at most one event per interval reaches Redis."""
+        now = time.monotonic()
+        if now < self._next_batch_report:
+            return
+        self._next_batch_report = now + self.interval
+        steps = p.epoch * p.batches + p.batch
+        if self._baseline is None:
+            self._baseline = (steps, p.elapsed)
+        done, since = steps - self._baseline[0], p.elapsed - self._baseline[1]
+        remaining = self.epochs * p.batches - steps
+        eta = remaining * since / done if done > 0 and since > 0 else -1.0
+        self.record(
+            "progress",
+            epoch=p.epoch + 1,
+            epochs=self.epochs,
+            batch=p.batch,
+            batches=p.batches,
+            loss=p.loss,
+            accuracy=p.accuracy,
+            samples_per_second=p.samples_per_second,
+            eta_seconds=eta,
+        )
+
+    def record(self, event: str, status: dict | None = None, **values: object) -> None:
+        """Append an event for the next write; its values also update the status hash, or
+        ``status`` does when given."""
+        fields = _fields(values)
+        with self._lock:
+            self._events.append({"event": event, **fields})
+            self._status.update(fields if status is None else _fields(status))
+        if event != "progress":
+            self._wake.set()
+
+    # --- lifecycle ---
+
+    def __enter__(self) -> ProgressReporter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is buffered (trying for at most ``timeout`` seconds) and stop the thread."""
+        if not self._thread.is_alive():
+            return
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout + self.interval)
+
+    def flush(self) -> bool:
+        """Write buffered events now from the calling thread; False if Redis is unreachable."""
+        with self._lock:
+            events = list(self._events)
+            status = dict(self._status)
+        if not events and not status:
+            return True
+        pipe = self.client.pipeline(transaction=False)
+        for event in events:
+            pipe.xadd(
+                keys.job_events(self.job_id),
+                event,  # type: ignore[arg-type]
+                maxlen=defaults.JOB_EVENTS_MAXLEN,
+                approximate=True,
+            )
+        pipe.hset(keys.job_status(self.job_id), mapping={**status, "updated_at": utc_now()})
+        pipe.exists(keys.job_cancel(self.job_id))
+        try:
+            replies = pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("job %s: progress not written (%s); buffering", self.job_id, exc)
+            return False
+        with self._lock:
+            for _ in events:  # only what was written; the trainer may have appended meanwhile
+                self._events.popleft()
+            for name, value in status.items():
+                if self._status.get(name) == value:
+                    del self._status[name]
+        if replies[-1] and not self.cancelled:
+            self.cancelled = True
+            if self.on_cancel is not None:
+                self.on_cancel()
+        return True
+
+    def _run(self) -> None:
+        backoff = self.interval
+        deadline = None
+        while True:
+            self._wake.wait(backoff)
+            self._wake.clear()
+            written = self.flush()
+            if self._closing:
+                deadline = deadline or time.monotonic() + 2.0
+                if written or time.monotonic() > deadline:
+                    return
+            backoff = self.interval if written else min(backoff * 2, defaults.RECONNECT_MAX_SECONDS)
