@@ -49,9 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 class ConsoleProgress(TrainingCallbacks):
     """Progress on standard error: a line that redraws during an epoch and one line per epoch."""
 
-    def __init__(self, stream=sys.stderr, interval: float = 0.2) -> None:
-        self.stream = stream
-        self.interactive = stream.isatty()
+    def __init__(self, stream=None, interval: float = 0.2) -> None:
+        self.stream = stream or sys.stderr  # looked up now: callers may have replaced it
+        self.interactive = self.stream.isatty()
         self.interval = interval
         self.last_draw = 0.0
 
