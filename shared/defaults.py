@@ -42,3 +42,4 @@ SHUTDOWN_GRACE_SECONDS = 10.0  # in-flight RPCs finish within this after SIGTERM
 
 # --- local training ---------------------------------------------------------------------------
 MNIST_CLASSES = 10
+MAX_IMAGE_PIXELS = 50_000_000  # a 48-megapixel phone photo is read; a decompression bomb is not
