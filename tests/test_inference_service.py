@@ -219,3 +219,28 @@ def test_model_flag_parsing(monkeypatch):
     for bad in ("a:b", "digits=", "=latest"):
         with pytest.raises(SystemExit):
             parse_args(["--model", bad])
+
+
+def test_several_models_are_served_at_once_each_by_its_policy(redis_client, registry):
+    digits = [tiny_model(20), tiny_model(21)]
+    for model in digits:
+        publish(registry, model)
+    other = tiny_model(22, hidden=8)
+    publish(registry, other, name="other")
+    pixels = digit_pixels(2)
+    with serving(redis_client, {MODEL: "1", "other": "latest"}) as s:
+        wait_for(s.store.ready, what="both models loaded")
+        with DigitsClient(s.target) as client:
+            with pytest.raises(grpc.RpcError) as err:  # two models: the name is required
+                client.classify_pixels(pixels)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            pinned = client.classify_pixels(pixels, model=MODEL)
+            assert (pinned.model_name, pinned.model_version) == (MODEL, 1)
+            np.testing.assert_allclose(
+                pinned.probabilities, expected(digits[0], pixels), rtol=1e-5, atol=1e-7
+            )
+            answer = client.classify_pixels(pixels, model="other")
+            np.testing.assert_allclose(
+                answer.probabilities, expected(other, pixels), rtol=1e-5, atol=1e-7
+            )
+            assert [m.name for m in client.list_models().models] == [MODEL, "other"]

@@ -29,6 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from shared import defaults  # noqa: E402
 from shared.mlp import MLP  # noqa: E402
 from shared.redis_server import RedisServer, free_port  # noqa: E402
 from shared.registry import Registry  # noqa: E402
@@ -212,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--seconds", type=float, default=1.0, help="measured time per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per setup, interleaved")
-    parser.add_argument("--workers", type=int, default=8, help="server threads (both servers)")
+    parser.add_argument(
+        "--workers", type=int, default=defaults.SERVER_WORKERS, help="server threads (both servers)"
+    )
     parser.add_argument("--publications", type=int, default=20)
     parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
