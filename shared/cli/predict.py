@@ -14,6 +14,7 @@ import numpy as np
 from shared import defaults
 from shared.digits_client import Classification, DigitsClient
 from shared.images import ascii_art, read_digit
+from shared.mnist import load_mnist
 
 EXIT_FAILED = 1  # unreachable server, refused request, unreadable image; argparse exits 2 for usage
 SERVER_ENV = "INFERENCE_ADDR"
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         answers = classify(digits, args)
     except grpc.RpcError as exc:
-        return fail(f"the server refused: {exc.details() or 'no details'} ({exc.code().name})")
+        details = exc.details() or "no details"
+        return fail(f"the inference server at {args.server} answered {exc.code().name}: {details}")
     except ServerUnreachableError as exc:
         return fail(str(exc))
     results = [
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             print(result_line(result))
     if args.json:
         print(json.dumps({"results": results, "accuracy": accuracy}))
-    elif accuracy:
+    elif accuracy is not None:
         print(
             f"accuracy {accuracy['correct']}/{accuracy['total']} = {accuracy['value']:.1%} "
             "on the given MNIST test digits"
@@ -122,8 +124,6 @@ def mnist_digits(indices: list[int], data_dir: str | None) -> list[Digit]:
     """The MNIST test digits at ``indices`` with their labels; ValueError names a bad index."""
     if not indices:
         return []
-    from shared.mnist import load_mnist  # reads 60,000 training images too: only when asked
-
     _, test = load_mnist(data_dir)
     bad = [i for i in indices if not 0 <= i < len(test)]
     if bad:
@@ -135,15 +135,15 @@ def mnist_digits(indices: list[int], data_dir: str | None) -> list[Digit]:
 
 
 def classify(digits: list[Digit], args: argparse.Namespace) -> list[tuple[Classification, int]]:
-    """Each digit's batch answer and its row in it; later batches pin the first one's version."""
+    """Each digit's batch answer and its row in it; later batches pin the first one's model."""
     pixels = np.stack([d.pixels for d in digits])
     answers: list[tuple[Classification, int]] = []
     with DigitsClient(args.server) as client:
-        version = args.version
+        model, version = args.model, args.version
         for start in range(0, len(digits), REQUEST_IMAGES):
             try:
                 answer = client.classify_pixels(
-                    pixels[start : start + REQUEST_IMAGES], model=args.model, version=version
+                    pixels[start : start + REQUEST_IMAGES], model=model, version=version
                 )
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE and not connected(client):
@@ -152,7 +152,8 @@ def classify(digits: list[Digit], args: argparse.Namespace) -> list[tuple[Classi
                         "python -m inference_service (or pass --server HOST:PORT)"
                     ) from exc
                 raise
-            version = str(answer.model_version)  # one model version answers every image
+            # One model version answers every image, even if another is published meanwhile.
+            model, version = answer.model_name, str(answer.model_version)
             answers += [(answer, row) for row in range(len(answer.labels))]
     return answers
 
