@@ -80,7 +80,7 @@ def wait_for_event(
     deadline = time.monotonic() + timeout
     stream = keys.job_events(job_id)
     while time.monotonic() < deadline:
-        block = max(int((deadline - time.monotonic()) * 1000), 1)
+        block = min(max(int((deadline - time.monotonic()) * 1000), 1), 1000)  # < socket timeout
         reply = client.xread({stream: last_id}, block=block, count=100)
         for _, entries in reply or []:
             for entry_id, fields in entries:
@@ -113,3 +113,71 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str
 
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+class WorkerProcess:
+    """``python -m trainer_service`` in a subprocess, its log lines collected by a thread."""
+
+    def __init__(self, redis_url: str, name: str, data_dir: Path | None, *args: str) -> None:
+        import subprocess
+        import sys
+        import threading
+
+        command = [sys.executable, "-m", "trainer_service", "--redis-url", redis_url,
+                   "--worker-id", name, "--progress-interval", "0.05", *args]  # fmt: skip
+        if data_dir is not None:
+            command += ["--data", str(data_dir)]
+        self.name = name
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.process = subprocess.Popen(
+            command,
+            cwd=Path(__file__).resolve().parents[1],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait_for_line(f"worker {name} ready")
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append("<exit>")
+            self._changed.notify_all()
+
+    def wait_for_line(self, text: str, timeout: float = 30.0, start: int = 0) -> int:
+        """Block until a log line containing ``text`` appears; return its index."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for i in range(start, len(self.lines)):
+                    if text in self.lines[i]:
+                        return i
+                    if self.lines[i] == "<exit>":
+                        raise AssertionError(f"{self.name} exited before {text!r}:\n{self.log}")
+                start = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{self.name}: no line with {text!r}:\n{self.log}")
+                self._changed.wait(remaining)
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines[-40:])
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self) -> None:
+        """Make sure the process is gone (SIGKILL) and reaped."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self._reader.join(5)

@@ -367,14 +367,17 @@ class JobQueue:
                 if delivery is not None:
                     return delivery
                 continue
-            block_ms = int((deadline - time.monotonic()) * 1000)
-            if block_ms <= 0:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
                 return None
+            # Wake up now and then to look for stale entries: a dead worker's job is taken over
+            # within about 1.25 lease times.
+            block_ms = min(remaining_ms, max(self.lease_ms // 4, 1))
             response = self.client.xreadgroup(
                 keys.JOBS_GROUP, self.worker, {keys.JOBS_STREAM: ">"}, count=1, block=block_ms
             )
             if not response:
-                return None
+                continue
             entry_id, fields = response[0][1][0]
             delivery = self._start(_text(entry_id), fields, 1)
             if delivery is not None:

@@ -340,7 +340,11 @@ class JobRun(TrainingCallbacks):
         self._pending_publications.append((epoch, self.model.copy(), manifest))
 
     def _write_pending(self, *, block: bool) -> None:
-        """Write the pending checkpoint, then pending publications; keep them if Redis is down."""
+        """Write pending publications, then the pending checkpoint; keep them if Redis is down.
+
+        Publications go first: a checkpoint of epoch n written before epoch n was published
+        would let a worker resuming from it skip that publication.
+        """
         try:
             if block:
                 self.worker.retry(self._write_once, "write checkpoint and publish")
@@ -360,12 +364,6 @@ class JobRun(TrainingCallbacks):
         if not queue.renew(delivery):  # also takes the lease again after a long Redis outage
             self.stop.set()
             raise LeaseLost(delivery.job_id)
-        if self._pending_checkpoint is not None:
-            epoch, encoded = self._pending_checkpoint
-            if not save_checkpoint(queue.client, delivery.job_id, encoded, token=delivery.token):
-                self.stop.set()
-                raise LeaseLost(delivery.job_id)
-            self._pending_checkpoint = None
         while self._pending_publications:
             epoch, model, manifest = self._pending_publications[0]
             try:
@@ -395,6 +393,12 @@ class JobRun(TrainingCallbacks):
                 version=version,
                 epoch=epoch,
             )
+        if self._pending_checkpoint is not None:
+            epoch, encoded = self._pending_checkpoint
+            if not save_checkpoint(queue.client, delivery.job_id, encoded, token=delivery.token):
+                self.stop.set()
+                raise LeaseLost(delivery.job_id)
+            self._pending_checkpoint = None
 
     # --- the result ---
 
