@@ -15,7 +15,7 @@ import numpy as np
 from inference_service import inputs
 from inference_service.errors import invalid_argument, not_found
 from inference_service.metrics import observed_rpc
-from inference_service.models import LoadedVersion, ModelStore
+from inference_service.models import LoadedVersion, ModelStore, version_number
 from shared.wire.inference import grpc_predict_v2_pb2 as pb
 from shared.wire.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -145,7 +145,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         served = self.store.served(request.name)
         if not request.version:
             return pb.ModelReadyResponse(ready=served.current is not None)
-        ready = request.version.isdigit() and served.loaded(int(request.version)) is not None
+        number = version_number(request.version)
+        ready = number is not None and served.loaded(number) is not None
         return pb.ModelReadyResponse(ready=ready)
 
     @observed_rpc("ServerMetadata")
@@ -157,7 +158,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         served = self.store.served(request.name)
         loaded = served.current
         if request.version:
-            loaded = served.loaded(int(request.version)) if request.version.isdigit() else None
+            number = version_number(request.version)
+            loaded = served.loaded(number) if number is not None else None
             if loaded is None:
                 raise not_found(f"version {request.version!r} of {served.name!r} is not loaded")
         versions = sorted({*served.standby, *([served.current.version] if served.current else [])})

@@ -9,6 +9,7 @@ the weights under a running request and every answer can name the version that p
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -29,7 +30,13 @@ from shared.snapshot import SnapshotError
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+_VERSION_NUMBER = re.compile(r"[0-9]{1,18}")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+
+def version_number(text: str) -> int | None:
+    """``text`` as a version number if it is one (ASCII digits only: "²".isdigit() is True)."""
+    return int(text) if _VERSION_NUMBER.fullmatch(text) else None
 
 
 def forward(model: MLP, rows: np.ndarray) -> np.ndarray:
@@ -81,9 +88,8 @@ class ServedModel:
         """The version the policy asks for, from what the registry last told us."""
         if self.policy == LATEST:
             return self.latest
-        if self.policy.isdigit():
-            return int(self.policy)
-        return self.aliases.get(self.policy)
+        pinned = version_number(self.policy)
+        return pinned if pinned is not None else self.aliases.get(self.policy)
 
     def loaded(self, version: int) -> LoadedVersion | None:
         current = self.current
@@ -160,8 +166,9 @@ class ModelStore:
     def _resolve(self, served: ServedModel, ref: str) -> int:
         if len(ref) > 128:
             raise invalid_argument(f"model_version is {len(ref)} characters long; at most 128")
-        if ref.isdigit():
-            return int(ref)
+        number = version_number(ref)
+        if number is not None:
+            return number
         if ref in served.aliases:
             return served.aliases[ref]
         try:

@@ -127,6 +127,16 @@ def test_unknown_names_are_not_found_and_oversize_is_resource_exhausted(served):
     assert status_of(served.digits.Classify, huge)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     probe = pb.ModelReadyRequest(name="nope")
     assert status_of(served.kserve.ModelReady, probe)[0] == grpc.StatusCode.NOT_FOUND
+    for unicode_digits in ("²", "١٢"):  # str.isdigit() says yes, int() says no
+        request = digits_pb2.ClassifyRequest(
+            model_version=unicode_digits, images=[image(pixels=pixels)]
+        )
+        code = status_of(served.digits.Classify, request)[0]
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, unicode_digits
+        probe = pb.ModelReadyRequest(name=MODEL, version=unicode_digits)
+        assert status_of(served.kserve.ModelReady, probe)[0] == grpc.StatusCode.OK
+        probe = pb.ModelMetadataRequest(name=MODEL, version=unicode_digits)
+        assert status_of(served.kserve.ModelMetadata, probe)[0] == grpc.StatusCode.NOT_FOUND
 
 
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
