@@ -103,7 +103,8 @@ class ModelWatcher:
         """Note what the events say, then load once per touched model (the newest wins)."""
         touched: dict[str, ServedModel] = {}
         for _, event in events:
-            served = self.store.follow(str(event.get("model", "")))
+            name = str(event.get("model", ""))
+            served = self.store.follow(name) if name else None
             if served is None:
                 continue
             version = int(event["version"])
