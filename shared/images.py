@@ -24,6 +24,8 @@ FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")  # what cameras and paint progra
 WORKING_SIDE = 1024  # larger photos are shrunk first: the digit ends up 20 pixels anyway
 GRID = 8  # lighting is estimated on about 8x8 blocks: finer than a shadow, coarser than a stroke
 INK_LEVEL = 0.05  # the digit's box ends where its ink fades below this fraction of full
+CLUTTER_GRID = 128  # ink touching the edge is traced on a grid this wide: cheap, strokes joined
+CLUTTER_SPECK = 0.04  # of the grid: anything smaller left after removing edge ink is a speck
 SPECK_BLUR = 0.02  # of the longer side: blurs dust away but keeps strokes when finding the digit
 SPECK_LEVEL = 0.25  # of the blurred maximum: what still counts as part of the digit
 DETAIL = 4  # strokes are measured at 4x MNIST's resolution (80 px), where they are ~10 px wide
@@ -103,9 +105,11 @@ def frame_digit(gray: np.ndarray, *, name: str = "image") -> np.ndarray:
         residual = -residual * (255.0 / paper)
         noise *= 255.0 / float(np.median(paper))
     ink = np.clip(residual - 3 * noise, 0, None)
-    peak = float(ink.max())
-    if peak < max(16.0, 3 * noise):
+    level = max(16.0, 3 * noise)  # clearly ink, not paper grain
+    if float(ink.max()) < level:
         raise DigitImageError(f"{name}: no digit found (the image is blank or too faint)")
+    ink = _without_edge_clutter(ink, level)
+    peak = float(ink.max())
     # Full ink: most of a stroke's core; 39% of MNIST's ink pixels are saturated too.
     full = float(np.percentile(ink[ink > 0.3 * peak], 75))
     ink = np.clip(ink / full, 0, 1)
@@ -153,6 +157,38 @@ def _lighting(gray: np.ndarray) -> np.ndarray:
     surface = coefficients[0] + coefficients[1] * xx + coefficients[2] * yy
     surface += coefficients[3] * xx * xx + coefficients[4] * xx * yy + coefficients[5] * yy * yy
     return surface.astype(np.float32)
+
+
+def _without_edge_clutter(ink: np.ndarray, level: float) -> np.ndarray:
+    """``ink`` without what touches the picture's edge (a table, the page's edge, a shadow),
+    unless only specks would be left: a tightly cropped digit touches the edge too."""
+    h, w = ink.shape
+    step = max(1, -(-max(h, w) // CLUTTER_GRID))
+    rows, cols = -(-h // step), -(-w // step)
+    padded = np.pad(ink >= level, ((0, rows * step - h), (0, cols * step - w)))
+    # A cell is ink if any pixel in it is: thin strokes stay joined on the coarse grid.
+    grid = np.asarray(padded.reshape(rows, step, cols, step).any(axis=(1, 3)))
+    edge = np.zeros_like(grid)
+    edge[[0, -1], :] = grid[[0, -1], :]
+    edge[:, [0, -1]] |= grid[:, [0, -1]]
+    while True:  # grow from the edge through ink, one cell per step
+        grown = edge.copy()
+        grown[1:] |= edge[:-1]
+        grown[:-1] |= edge[1:]
+        grown[:, 1:] |= edge[:, :-1]
+        grown[:, :-1] |= edge[:, 1:]
+        grown &= grid
+        if np.array_equal(grown, edge):
+            break
+        edge = grown
+    rest = grid & ~edge
+    if not edge.any() or not rest.any():
+        return ink
+    top, bottom, left, right = _extent(rest)
+    if max(bottom - top, right - left) < max(3, CLUTTER_SPECK * max(rows, cols)):
+        return ink
+    clutter = np.repeat(np.repeat(edge, step, axis=0), step, axis=1)[:h, :w]
+    return np.where(clutter, 0, ink).astype(np.float32)
 
 
 def _digit_box(ink: np.ndarray) -> tuple[int, int, int, int]:

@@ -134,6 +134,20 @@ def test_light_ink_on_dark_is_not_inverted(tmp_path):
     assert best_shifted_correlation(pixels, dark) > 0.95
 
 
+def test_a_table_beside_the_paper_is_not_part_of_the_digit(tmp_path):
+    ink = ink_mask(4, (900, 700), (220, 200, 535, 620), 40)
+    photo = photograph(ink, np.random.default_rng(0)).astype(np.float32)
+    photo[:, :120] = np.random.default_rng(1).normal(55, 6, (700, 120))  # a dark desk, left
+    pixels = read_digit(save(np.clip(photo, 0, 255).astype(np.uint8), tmp_path / "desk.jpg"))
+    assert best_shifted_correlation(pixels, frame_digit(255 * ink)) > 0.95
+
+
+def test_a_tightly_cropped_digit_touching_the_edges_is_kept(tmp_path):
+    ink = ink_mask(4, (900, 700), (220, 200, 535, 620), 40)[220:600, 225:530]
+    pixels = read_digit(save(photograph(ink, np.random.default_rng(4)), tmp_path / "tight.png"))
+    assert best_shifted_correlation(pixels, frame_digit(255 * ink)) > 0.95
+
+
 def test_thin_pen_strokes_are_widened_to_mnist_strokes(tmp_path):
     thin = read_digit(digit_photo(tmp_path, 1, width=6))
     thick = read_digit(digit_photo(tmp_path, 1, width=40))
