@@ -217,6 +217,12 @@ make_base() {
 
 build_base_images() {
     command -v docker >/dev/null || die "docker is not installed"
+    # Checked before the root test, so that anyone in the docker group can re-run the script.
+    if image_exists "$PYTHON_BASE_IMAGE" && image_exists "$REDIS_BASE_IMAGE" && [[ $force == 0 ]]; then
+        log "both base images exist: $PYTHON_BASE_IMAGE ($(image_size "$PYTHON_BASE_IMAGE")) and" \
+            "$REDIS_BASE_IMAGE ($(image_size "$REDIS_BASE_IMAGE")); --force rebuilds them"
+        return
+    fi
     [[ $(id -u) == 0 ]] || die "debootstrap and chroot need root"
     DEBIAN_MIRROR=${DEBIAN_MIRROR:-$(apt_source_for "$SUITE")}
     DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -225,11 +231,7 @@ build_base_images() {
     log "Debian mirror $DEBIAN_MIRROR, security mirror $DEBIAN_SECURITY_MIRROR"
     export_apt_proxy
     trap 'unmount_all_under "$ROOTFS_DIR"' EXIT
-    if image_exists "$PYTHON_BASE_IMAGE" && image_exists "$REDIS_BASE_IMAGE" && [[ $force == 0 ]]; then
-        log "both base images exist"
-    else
-        build_minbase
-    fi
+    build_minbase
     # python3-venv brings ensurepip, so a venv gets pip without Debian's python3-pip.
     make_base "$PYTHON_BASE_IMAGE" "python3 python3-venv" "python3 --version" \
         --change "ENV PATH=$IMAGE_PATH" --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]'
