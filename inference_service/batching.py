@@ -4,8 +4,9 @@ No thread of its own and no timer. The first request to arrive while nothing run
 leader and runs at once with whatever is already queued (so a lone request never waits); requests
 arriving while a pass runs queue up; when the pass ends the leader hands the queue to the oldest
 waiter, which runs the next pass with everything that gathered meanwhile. Batches therefore grow
-exactly as much as load makes them, and with ``max_delay_seconds > 0`` a leader may also wait that
-long for a fuller batch (which only pays when the forward pass is expensive compared with gRPC).
+exactly as much as load makes them. Calls of ``rows_alone`` rows or more skip the queue: they
+gain nothing from company. With ``max_delay_seconds > 0`` a leader may also wait that long for a
+fuller batch (which only pays when the forward pass is expensive compared with gRPC).
 """
 
 from __future__ import annotations
@@ -39,11 +40,15 @@ class Batcher:
         forward: Forward,
         *,
         max_rows: int,
+        rows_alone: int | None = None,
         max_delay_seconds: float = 0.0,
         on_pass: Callable[[int], None] | None = None,
     ) -> None:
         self.forward = forward
         self.max_rows = max_rows
+        # Calls this large already amortise the per-pass overhead: queueing them would only
+        # serialise passes that could run side by side (BLAS releases the GIL).
+        self.rows_alone = min(max_rows, rows_alone or max_rows)
         self.max_delay_seconds = max_delay_seconds
         self.on_pass = on_pass or (lambda rows: None)
         self._lock = threading.Lock()
@@ -58,7 +63,7 @@ class Batcher:
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         """``forward(rows)``, possibly computed together with other callers' rows."""
-        if not self.enabled or len(rows) >= self.max_rows:
+        if not self.enabled or len(rows) >= self.rows_alone:
             self.on_pass(len(rows))
             return self.forward(rows)
         item = _Pending(rows)

@@ -56,6 +56,7 @@ def forward(model: MLP, rows: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class BatchingConfig:
     max_rows: int = defaults.MAX_BATCH  # 1 turns batching off
+    rows_alone: int = defaults.BATCH_ROWS_ALONE
     max_delay_seconds: float = defaults.MAX_QUEUE_DELAY_MS / 1000
 
 
@@ -240,6 +241,7 @@ class ModelStore:
         batcher = Batcher(
             lambda rows: forward(model, rows),
             max_rows=self.batching.max_rows,
+            rows_alone=self.batching.rows_alone,
             max_delay_seconds=self.batching.max_delay_seconds,
             on_pass=metrics.BATCH_ROWS.observe,
         )

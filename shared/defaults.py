@@ -34,6 +34,7 @@ METRICS_PORT = 9100  # Prometheus metrics over HTTP
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # ~5,000 float32 images per request; larger is refused
 MAX_BATCH = 256  # dynamic batching: rows in one forward pass
 MAX_QUEUE_DELAY_MS = 0.0  # adaptive batching: never wait on an empty queue (see README)
+BATCH_ROWS_ALONE = 16  # requests this large amortise a pass alone; batching them only serialises
 RECONCILE_SECONDS = 30.0  # safety-net reread of the registry besides the event stream
 SERVER_WORKERS = 4  # RPC threads; 8 measured slower (GIL contention); each health Watch holds one
 STANDBY_VERSIONS = 4  # recent versions kept loaded for requests naming one (~0.5 MB each)

@@ -63,14 +63,33 @@ def test_a_failed_pass_raises_in_every_caller_and_batching_goes_on():
     assert batcher(np.zeros((2, 1))).shape == (2, 1)
 
 
-def test_batching_off_and_oversized_calls_bypass_the_queue():
+def test_batching_off_and_large_calls_bypass_the_queue():
     sizes = []
     off = Batcher(lambda rows: rows, max_rows=1, on_pass=sizes.append)
     assert not off.enabled
     off(np.zeros((5, 1)))
-    on = Batcher(lambda rows: rows, max_rows=4, on_pass=sizes.append)
+    on = Batcher(lambda rows: rows, max_rows=64, rows_alone=8, on_pass=sizes.append)
     on(np.zeros((9, 1)))
     assert sizes == [5, 9]
+    assert not on._busy  # never queued
+
+
+def test_large_calls_run_beside_a_running_pass_instead_of_behind_it():
+    gate, started = threading.Event(), threading.Event()
+
+    def forward(rows):
+        if len(rows) == 1:
+            started.set()
+            gate.wait(5)
+        return rows
+
+    batcher = Batcher(forward, max_rows=64, rows_alone=8)
+    with ThreadPoolExecutor(2) as pool:
+        small = pool.submit(batcher, np.zeros((1, 1)))
+        assert started.wait(5)
+        assert batcher(np.zeros((8, 1))).shape == (8, 1)  # not stuck behind the held pass
+        gate.set()
+        assert small.result(5).shape == (1, 1)
 
 
 def test_many_threads_hammering_never_lose_or_mix_rows():
