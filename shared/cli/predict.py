@@ -37,7 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "black, longer side 20 px, centre of mass in the middle of 28x28) and ask the inference "
         "server (python -m inference_service) which digit it is.",
     )
-    parser.add_argument("images", nargs="*", metavar="IMAGE", help="PNG or JPEG of one digit")
+    parser.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help="a picture of one digit: PNG, JPEG, BMP, GIF or WEBP",
+    )
     parser.add_argument(
         "--index",
         nargs="+",
