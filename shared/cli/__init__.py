@@ -8,7 +8,7 @@ import sys
 
 # Each module defines ``register(subparsers)``, adding commands with ``set_defaults(run=...)``;
 # ``run(args)`` returns the process exit code.
-COMMAND_MODULES = ["train", "models", "predict"]
+COMMAND_MODULES = ["train", "models", "predict", "jobs"]
 
 
 def build_parser() -> argparse.ArgumentParser:
