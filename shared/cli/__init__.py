@@ -8,7 +8,7 @@ import sys
 
 # Each module defines ``register(subparsers)``, adding commands with ``set_defaults(run=...)``;
 # ``run(args)`` returns the process exit code.
-COMMAND_MODULES = ["train", "models", "predict", "jobs"]
+COMMAND_MODULES = ["train", "models", "predict", "jobs", "up"]
 
 
 def build_parser() -> argparse.ArgumentParser:
