@@ -8,9 +8,14 @@ one exits at once (the job is then reclaimed when its lease expires).
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread per worker: scale by running one worker per core. Set before NumPy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import argparse
 import logging
-import os
 import signal
 import sys
 
