@@ -164,11 +164,12 @@ def health(container) -> str | None:
     return (container.attrs["State"].get("Health") or {}).get("Status")
 
 
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
     """``mnistctl ARGS`` from the host, as a user would run it."""
     return subprocess.run(
         [sys.executable, "-m", "shared.cli", *args],
         cwd=REPO,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -27,7 +27,6 @@ from compose_support import (
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import keys
-from shared.cli import COMMAND_MODULES
 from shared.digits_client import DigitsClient
 from shared.mnist import load_mnist
 from shared.redis_server import free_port
@@ -125,10 +124,8 @@ def test_digits(mnist_dir):
 
 def submit(stack: Stack, redis_url: str, model: str, job: dict) -> str:
     """``mnistctl jobs submit`` from the host; the new job's id."""
-    if "jobs" not in COMMAND_MODULES:  # until the trainer's `mnistctl jobs` lands
-        pytest.skip("mnistctl has no jobs command yet")
     spec = json.dumps({"model": model, **job})
-    result = run_cli("jobs", "submit", "--redis-url", redis_url, "--json", "--job", spec)
+    result = run_cli("jobs", "submit", "-", "--redis-url", redis_url, "--json", stdin=spec)
     assert result.returncode == 0, f"jobs submit failed:\n{result.stdout}{result.stderr}"
     return json.loads(result.stdout)["job_id"]
 
@@ -179,6 +176,15 @@ def health_status(target: str) -> str:
 def classify(target: str, digits, model: str):
     with DigitsClient(target) as client:
         return client.classify_pixels(digits.features, model=model)
+
+
+def job_records(client: redis.Redis) -> dict:
+    """Every job's status hash, and the queue stream's entries (what a trainer would claim)."""
+    ids = [job_id.decode() for job_id in client.zrange(keys.JOBS_INDEX, 0, -1)]
+    return {
+        "status": {job_id: client.hgetall(keys.job_status(job_id)) for job_id in ids},
+        "stream": client.xrange(keys.JOBS_STREAM),
+    }
 
 
 def ensure_model(stack, redis_url, registry, model: str = "digits") -> int:
@@ -265,20 +271,20 @@ def test_restarted_redis_loses_no_job_and_no_snapshot(stack, redis_url, registry
     client = registry.client
     stack.compose("stop", "trainer")  # so that a job is still queued across the restart
     queued = submit(stack, redis_url, "after-restart", TINY_JOB)
-    jobs_before = {key: client.hgetall(key) for key in client.scan_iter(keys.job_status("*"))}
+    jobs_before = job_records(client)
     snapshots_before = {
         (name, v): registry.manifest(name, v)["weights_sha256"]
         for name in registry.models()
         for v in registry.versions(name)
     }
-    assert jobs_before and snapshots_before
+    assert queued in jobs_before["status"] and snapshots_before
 
     redis_container = stack.container("redis")
     redis_container.restart(timeout=20)
     stack.wait_healthy(redis_container)
     client.connection_pool.disconnect()  # the old connections died with the server
 
-    jobs_after = {key: client.hgetall(key) for key in client.scan_iter(keys.job_status("*"))}
+    jobs_after = job_records(client)
     assert jobs_after == jobs_before
     snapshots_after = {
         (name, v): registry.load(name, v).manifest["weights_sha256"]  # verifies the weights too
