@@ -5,11 +5,13 @@ The training thread only appends to an in-memory buffer (batch progress at most 
 pipeline per ``interval``, and reads the job's cancel flag on the same round trip. Training never
 waits on Redis: while Redis is unreachable events stay buffered (bounded) and are written when it
 is back. Event stream entries are flat string fields: ``event`` (progress, epoch, published, state)
-and the numbers that go with it.
+and the numbers that go with it. Writes are fenced by the job's lease like every other write about
+the job: a worker that lost the job does not scribble over its new worker's progress.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -26,6 +28,19 @@ log = logging.getLogger("trainer_service.progress")
 
 MAX_BUFFERED_EVENTS = 10_000  # about 80 minutes of progress at two events a second
 
+# KEYS: lease, status, events, cancel. ARGV: token, status fields [k, v, ...] as JSON, events
+# [[k, v, ...], ...] as JSON, events maxlen. Returns -1 if the lease is not the caller's, else
+# whether the job's cancel flag is set.
+_WRITE_PROGRESS = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+for _, event in ipairs(cjson.decode(ARGV[3])) do
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(event))
+end
+local status = cjson.decode(ARGV[2])
+if #status > 0 then redis.call('HSET', KEYS[2], unpack(status)) end
+return redis.call('EXISTS', KEYS[4])
+"""
+
 
 def _fields(values: dict) -> dict[str, str]:
     """Stream/hash fields as text, floats to 6 significant digits."""
@@ -40,12 +55,14 @@ class ProgressReporter:
         client: redis.Redis,
         job_id: str,
         *,
+        token: str,
         epochs: int,
         interval: float = defaults.PROGRESS_INTERVAL_SECONDS,
         on_cancel: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.job_id = job_id
+        self.token = token
         self.epochs = epochs
         self.interval = interval
         self.on_cancel = on_cancel
@@ -113,34 +130,38 @@ class ProgressReporter:
         self._thread.join(timeout + self.interval)
 
     def flush(self) -> bool:
-        """Write buffered events now from the calling thread; False if Redis is unreachable."""
+        """Write buffered events (one script, one round trip); False if Redis is unreachable."""
         with self._lock:
             events = list(self._events)
             status = dict(self._status)
         if not events and not status:
             return True
-        pipe = self.client.pipeline(transaction=False)
-        for event in events:
-            pipe.xadd(
-                keys.job_events(self.job_id),
-                event,  # type: ignore[arg-type]
-                maxlen=defaults.JOB_EVENTS_MAXLEN,
-                approximate=True,
-            )
-        pipe.hset(keys.job_status(self.job_id), mapping={**status, "updated_at": utc_now()})
-        pipe.exists(keys.job_cancel(self.job_id))
+        status["updated_at"] = utc_now()
         try:
-            replies = pipe.execute()
+            reply = self.client.eval(
+                _WRITE_PROGRESS,
+                4,
+                keys.job_lease(self.job_id),
+                keys.job_status(self.job_id),
+                keys.job_events(self.job_id),
+                keys.job_cancel(self.job_id),
+                self.token,
+                json.dumps([x for item in status.items() for x in item]),
+                json.dumps([[x for item in e.items() for x in item] for e in events]),
+                defaults.JOB_EVENTS_MAXLEN,
+            )
         except redis.RedisError as exc:
             log.warning("job %s: progress not written (%s); buffering", self.job_id, exc)
             return False
+        if reply == -1:  # not our lease (now, or until the heartbeat takes it again): keep them
+            return True
         with self._lock:
             for _ in events:  # only what was written; the trainer may have appended meanwhile
                 self._events.popleft()
             for name, value in status.items():
                 if self._status.get(name) == value:
                     del self._status[name]
-        if replies[-1] and not self.cancelled:
+        if reply and not self.cancelled:
             self.cancelled = True
             if self.on_cancel is not None:
                 self.on_cancel()

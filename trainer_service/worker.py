@@ -119,7 +119,10 @@ class Worker:
         while not self.shutdown.is_set() and (max_jobs is None or done < max_jobs):
             delivery = self.retry(lambda: self.queue.claim(self.claim_block_seconds), "claim a job")
             if delivery is not None:
-                self.run_job(delivery)
+                try:
+                    self.run_job(delivery)
+                except Exception:  # e.g. Redis refusing a write: the lease expires, others retry
+                    log.exception("job %s: left to be reclaimed after its lease", delivery.job_id)
                 done += 1
             elif exit_when_idle:
                 break
@@ -155,6 +158,7 @@ class Worker:
                 ProgressReporter(
                     self.client,
                     delivery.job_id,
+                    token=delivery.token,
                     epochs=spec.training.epochs,
                     interval=self.progress_interval,
                     on_cancel=run.stop.set,

@@ -87,7 +87,9 @@ def main() -> None:
 
             model = build_model(spec)
             before = client.xlen(f"{defaults.KEY_PREFIX}:job:bench:events")
-            reporter = ProgressReporter(client, "bench", epochs=spec.training.epochs)
+            reporter = ProgressReporter(
+                client, "bench", token=delivery.token, epochs=spec.training.epochs
+            )
             callbacks = Reporting(reporter)
             with LeaseKeeper(queue, delivery, on_lost=callbacks.stop.set), reporter:
                 started, cpu = time.perf_counter(), time.process_time()
