@@ -10,9 +10,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from trainer_support import TOY_JOB, dumps, tiny_job
+from trainer_support import TOY_JOB, WorkerProcess, dumps, tiny_job, write_tiny_mnist
 
 from shared.cli.jobs import progress_line
+from shared.redis_server import RedisServer
 from trainer_service.queue import job_status
 from trainer_service.worker import Worker
 
@@ -65,8 +66,6 @@ def test_an_invalid_job_is_refused_naming_the_field(redis_server, redis_client):
 
 
 def test_watch_follows_the_job_and_exits_with_its_outcome(redis_server, redis_client, tmp_path):
-    from trainer_support import write_tiny_mnist
-
     data = write_tiny_mnist(tmp_path / "mnist")
     job = tiny_job(epochs=3, publish={"every_epoch": True})
     submitted = mnistctl(redis_server.url, "submit", "-", "--job-id", "w1", stdin=dumps(job))
@@ -121,6 +120,20 @@ def test_dead_lists_poison_jobs_and_requeue_takes_them_back(redis_server, redis_
     assert mnistctl(redis_server.url, "requeue", "p1").returncode == 0
     assert json.loads(mnistctl(redis_server.url, "dead", "--json").stdout) == []
     assert job_status(redis_client, "p1")["state"] == "queued"
+
+
+def test_worker_and_cli_find_a_password_protected_redis_in_the_environment():
+    with RedisServer(password="s3cret") as server:
+        worker = WorkerProcess(None, "env-w", None, env={"REDIS_URL": server.url})
+        try:
+            submitted = mnistctl(server.url, "submit", "-", "--job-id", "pw", "--watch",
+                                 stdin=dumps(TOY_JOB), env_url=True)  # fmt: skip
+            assert submitted.returncode == 0, submitted.stderr
+            assert submitted.stdout.splitlines()[-1].startswith("job pw succeeded")
+        finally:
+            worker.stop()
+        refused = mnistctl(server.url.replace("s3cret", "wrong"), "list")
+        assert refused.returncode == 2 and "redis:" in refused.stderr
 
 
 def test_progress_line_shows_bar_loss_accuracy_and_eta():

@@ -118,13 +118,20 @@ def _s(value: bytes | str) -> str:
 class WorkerProcess:
     """``python -m trainer_service`` in a subprocess, its log lines collected by a thread."""
 
-    def __init__(self, redis_url: str, name: str, data_dir: Path | None, *args: str) -> None:
+    def __init__(
+        self, redis_url: str | None, name: str, data_dir: Path | None, *args: str,
+        env: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        """``redis_url`` None: the worker finds it in ``env`` ($REDIS_URL)."""
+        import os
         import subprocess
         import sys
         import threading
 
-        command = [sys.executable, "-m", "trainer_service", "--redis-url", redis_url,
-                   "--worker-id", name, "--progress-interval", "0.05", *args]  # fmt: skip
+        command = [sys.executable, "-m", "trainer_service", "--worker-id", name,
+                   "--progress-interval", "0.05", *args]  # fmt: skip
+        if redis_url is not None:
+            command += ["--redis-url", redis_url]
         if data_dir is not None:
             command += ["--data", str(data_dir)]
         self.name = name
@@ -137,6 +144,7 @@ class WorkerProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

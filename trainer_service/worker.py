@@ -113,11 +113,14 @@ class Worker:
     def run(self, *, max_jobs: int | None = None, exit_when_idle: bool = False) -> None:
         """Claim and run jobs until ``shutdown`` is set, ``max_jobs`` have run, or (when
         ``exit_when_idle``) no job arrives within the claim block time."""
-        self.retry(self.queue.ensure_group, "create the consumer group")
+        idle = self.shutdown.is_set  # while no job is held, a shutdown request ends any retrying
+        self.retry(self.queue.ensure_group, "create the consumer group", give_up=idle)
         log.info("worker %s ready", self.worker_id)
         done = 0
         while not self.shutdown.is_set() and (max_jobs is None or done < max_jobs):
-            delivery = self.retry(lambda: self.queue.claim(self.claim_block_seconds), "claim a job")
+            delivery = self.retry(
+                lambda: self.queue.claim(self.claim_block_seconds), "claim a job", give_up=idle
+            )
             if delivery is not None:
                 try:
                     self.run_job(delivery)
@@ -126,10 +129,25 @@ class Worker:
                 done += 1
             elif exit_when_idle:
                 break
+        self._leave_group()
         log.info("worker %s stopped", self.worker_id)
 
-    def retry(self, action: Callable[[], T], what: str) -> T:
-        """``action()``, retried with exponential backoff while Redis is unreachable."""
+    def _leave_group(self) -> None:
+        """Remove this worker's consumer from the group if it holds no entries (tidy XINFO)."""
+        try:
+            pending = self.client.xpending_range(
+                keys.JOBS_STREAM, keys.JOBS_GROUP, "-", "+", 1, consumername=self.worker_id
+            )
+            if not pending:
+                self.client.xgroup_delconsumer(keys.JOBS_STREAM, keys.JOBS_GROUP, self.worker_id)
+        except redis.RedisError:
+            pass  # only housekeeping: a left-over consumer name costs nothing
+
+    def retry(
+        self, action: Callable[[], T], what: str, *, give_up: Callable[[], bool] | None = None
+    ) -> T | None:
+        """``action()``, retried with exponential backoff (capped at RECONNECT_MAX_SECONDS) while
+        Redis is unreachable; None if ``give_up()`` turns true meanwhile."""
         delay = 0.1
         while True:
             try:
@@ -138,7 +156,10 @@ class Worker:
                 log.warning(
                     "redis unavailable, cannot %s (%s); retrying in %.1f s", what, exc, delay
                 )
-                time.sleep(delay)
+                if give_up is None:
+                    time.sleep(delay)
+                elif self.shutdown.wait(delay) and give_up():  # wakes at once on a signal
+                    return None
                 delay = min(delay * 2, defaults.RECONNECT_MAX_SECONDS)
 
     # --- one job ---
