@@ -198,6 +198,8 @@ def _text(value: bytes | str | None) -> str:
 def connect(url: str, **options) -> redis.Redis:
     """A client for ``url`` (redis:// or rediss:// for TLS; password in the URL)."""
     options.setdefault("socket_connect_timeout", 5.0)
+    # A hung connection must fail rather than stall a worker; longer than any XREAD block we use.
+    options.setdefault("socket_timeout", 30.0)
     options.setdefault("socket_keepalive", True)
     options.setdefault("health_check_interval", 30)
     return redis.Redis.from_url(url, **options)

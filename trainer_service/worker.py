@@ -252,6 +252,7 @@ class JobRun(TrainingCallbacks):
         self.delivery = delivery
         self.spec = spec
         self.fence = (keys.job_lease(delivery.job_id), delivery.token)
+        self.fingerprint = spec.fingerprint()
         self.stop = threading.Event()  # cancel or lease lost
         self.reporter: ProgressReporter | None = None
         self.model: MLP | None = None
@@ -262,6 +263,8 @@ class JobRun(TrainingCallbacks):
         self._pending_checkpoint: tuple[int, tuple[str, bytes]] | None = None
         self._pending_publications: list[tuple[int, MLP, dict]] = []
         self._publish_skipped = ""
+        self._write_delay = 0.0  # backoff of writes attempted between epochs while Redis is down
+        self._next_write = 0.0
         self._published_epochs: set[int] = set()
 
     # --- training ---
@@ -274,7 +277,7 @@ class JobRun(TrainingCallbacks):
         resume = None
         try:
             resume = self.worker.retry(
-                lambda: load_checkpoint(self.worker.client, job_id, spec.fingerprint()),
+                lambda: load_checkpoint(self.worker.client, job_id, self.fingerprint),
                 "read the checkpoint",
             )
         except CheckpointError as exc:
@@ -328,7 +331,7 @@ class JobRun(TrainingCallbacks):
         assert self.reporter is not None
         summary = report.summary()
         self.reporter.record("epoch", **summary)
-        encoded = encode_checkpoint(report.state, self.spec.fingerprint())
+        encoded = encode_checkpoint(report.state, self.fingerprint)
         self._pending_checkpoint = (report.epoch, encoded)
         if self.spec.publish.every_epoch and report.test is not None:
             self._queue_publication(report.epoch, report.test, summary)
@@ -370,12 +373,17 @@ class JobRun(TrainingCallbacks):
         Publications go first: a checkpoint of epoch n written before epoch n was published
         would let a worker resuming from it skip that publication.
         """
+        if not block and time.monotonic() < self._next_write:
+            return  # Redis was unreachable a moment ago: don't stall training on it every epoch
         try:
             if block:
                 self.worker.retry(self._write_once, "write checkpoint and publish")
             else:
                 self._write_once()
+            self._write_delay = 0.0
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            self._write_delay = min(max(self._write_delay * 2, 0.5), defaults.RECONNECT_MAX_SECONDS)
+            self._next_write = time.monotonic() + self._write_delay
             log.warning(
                 "job %s: redis unavailable (%s); checkpoint and publications kept",
                 self.delivery.job_id,
