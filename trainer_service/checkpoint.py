@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 
 import numpy as np
 import redis
@@ -63,7 +64,7 @@ def decode_checkpoint(meta_json: str | bytes, arrays: bytes, fingerprint: str) -
         return TrainingState(int(meta["epoch"]), parameters, optimiser, dict(meta["rng_state"]))
     except CheckpointError:
         raise
-    except (ValueError, KeyError, TypeError, OSError) as exc:
+    except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"unreadable checkpoint: {type(exc).__name__}: {exc}") from None
 
 
