@@ -130,13 +130,13 @@ class ProgressReporter:
         self._thread.join(timeout + self.interval)
 
     def flush(self) -> bool:
-        """Write buffered events (one script, one round trip); False if Redis is unreachable."""
+        """Write buffered events and read the cancel flag (one script, one round trip); False if
+        Redis is unreachable."""
         with self._lock:
             events = list(self._events)
             status = dict(self._status)
-        if not events and not status:
-            return True
-        status["updated_at"] = utc_now()
+        if events or status:
+            status["updated_at"] = utc_now()
         try:
             reply = self.client.eval(
                 _WRITE_PROGRESS,
