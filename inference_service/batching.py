@@ -111,17 +111,18 @@ class Batcher:
                 for item in batch:
                     item.result = out[start : start + len(item.rows)]
                     start += len(item.rows)
+            self.on_pass(rows)
         except BaseException as exc:  # every caller of the pass sees the failure
             for item in batch:
                 item.error = exc
-        self.on_pass(rows)
-        with self._lock:
-            successor = self._queue[0] if self._queue else None
-            if successor is None:
-                self._busy = False
-            else:
-                successor.lead = True
-        for item in batch[1:]:
-            item.ready.set()
-        if successor is not None:
-            successor.ready.set()
+        finally:  # hand over even on failure, or every later caller would wait forever
+            with self._lock:
+                successor = self._queue[0] if self._queue else None
+                if successor is None:
+                    self._busy = False
+                else:
+                    successor.lead = True
+            for item in batch[1:]:
+                item.ready.set()
+            if successor is not None:
+                successor.ready.set()

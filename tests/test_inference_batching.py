@@ -102,3 +102,13 @@ def test_many_threads_hammering_never_lose_or_mix_rows():
     with ThreadPoolExecutor(16) as pool:
         assert all(pool.map(call, range(2000)))
     assert not batcher._busy and not batcher._queue
+
+
+def test_a_failing_pass_hook_still_hands_the_queue_over():
+    def on_pass(rows):
+        raise RuntimeError("metrics down")
+
+    batcher = Batcher(lambda rows: rows, max_rows=4, on_pass=on_pass)
+    with pytest.raises(RuntimeError):
+        batcher(np.zeros((1, 1)))
+    assert not batcher._busy  # the next caller leads instead of waiting forever

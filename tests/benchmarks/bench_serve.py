@@ -41,6 +41,7 @@ ECHO_METHOD = "/bench.Echo/Echo"
 CONCURRENCY = (1, 8, 32)
 BATCHES = (1, 64)
 WARMUP_SECONDS = 0.5
+CALL_TIMEOUT_SECONDS = 30.0  # a hung call shows up as an error instead of a hung benchmark
 
 
 def echo_server(port: int, workers: int) -> None:
@@ -93,7 +94,8 @@ class ClosedLoop:
     def run(self) -> ClosedLoop:
         for _ in range(self.concurrency):
             self._issue()
-        self.done.wait()
+        if not self.done.wait(self.end - time.perf_counter() + CALL_TIMEOUT_SECONDS + 5):
+            raise RuntimeError(f"{self.outstanding} calls never completed")
         return self
 
     def stop(self) -> None:
@@ -101,28 +103,33 @@ class ClosedLoop:
 
     def _issue(self) -> None:
         sent = time.perf_counter()
-        self.call.future(self.request).add_done_callback(lambda f: self._finished(f, sent))
+        future = self.call.future(self.request, timeout=CALL_TIMEOUT_SECONDS)
+        future.add_done_callback(lambda f: self._finished(f, sent))
 
     def _finished(self, future, sent: float) -> None:
         now = time.perf_counter()
         try:
             answer = future.result()
-        except grpc.RpcError:
+        except Exception:  # an RpcError, a timeout: counted, and the loop goes on
             with self.lock:
                 self.errors += 1
             answer = None
-        if answer is not None and self.on_answer is not None:
-            self.on_answer(answer, now)
-        if self.start <= now <= self.end:
+        try:
+            if answer is not None and self.on_answer is not None:
+                self.on_answer(answer, now)
+            if self.start <= now <= self.end:
+                with self.lock:
+                    self.latencies.append(now - sent)
+            if now < self.end:
+                self._issue()
+                return
+        except Exception:
             with self.lock:
-                self.latencies.append(now - sent)
-        if now < self.end:
-            self._issue()
-        else:
-            with self.lock:
-                self.outstanding -= 1
-                if self.outstanding == 0:
-                    self.done.set()
+                self.errors += 1
+        with self.lock:
+            self.outstanding -= 1
+            if self.outstanding == 0:
+                self.done.set()
 
 
 def figures(loops: list[ClosedLoop], seconds: float, images: int) -> dict:
