@@ -19,6 +19,12 @@ def files_under(root: Path) -> set[str]:
     }
 
 
+def tools_version() -> str:
+    from importlib.metadata import version
+
+    return version("grpcio-tools")
+
+
 def test_generated_code_is_not_stale(tmp_path):
     out = tmp_path / "wire"
     subprocess.run(
@@ -31,7 +37,11 @@ def test_generated_code_is_not_stale(tmp_path):
     stale = [
         name for name in sorted(fresh) if not filecmp.cmp(out / name, WIRE / name, shallow=False)
     ]
-    assert not stale, f"run `python protos/generate.py`: stale generated files {stale}"
+    assert not stale, (
+        f"stale generated files {stale}: run `python protos/generate.py` (the output also "
+        f"depends on the generator: grpcio-tools {tools_version()} is installed; the committed "
+        "code must come from the version the dev extras pin)"
+    )
 
 
 def test_generated_code_imports_as_a_package():
