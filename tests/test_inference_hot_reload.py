@@ -11,6 +11,7 @@ import pytest
 from inference_support import MODEL, digit_pixels, publish, serving, tiny_model, wait_for
 
 from inference_service.inputs import scale_pixels
+from shared import keys
 from shared.digits_client import DigitsClient
 from shared.redis_server import RedisServer
 from shared.registry import Registry
@@ -80,3 +81,19 @@ def test_serving_goes_on_without_redis_and_catches_up_when_it_returns():
                     timeout=15,
                     what="the version published during the outage",
                 )
+
+
+def test_the_periodic_reconcile_catches_a_change_no_event_announced(redis_client):
+    registry = Registry(redis_client)
+    first, second = publish(registry, tiny_model(1)), publish(registry, tiny_model(2))
+    registry.promote(MODEL, "production", first)
+    with serving(redis_client, {MODEL: "production"}, reconcile_seconds=0.3) as s:
+        wait_for(s.store.ready, what="production loaded")
+        assert s.store.models[MODEL].current.version == first
+        # Written behind the registry's back: no model event, only the reconcile can see it.
+        redis_client.hset(keys.model_aliases(MODEL), "production", second)
+        wait_for(
+            lambda: s.store.models[MODEL].current.version == second,
+            timeout=5,
+            what="reconcile to pick up the alias move",
+        )
