@@ -42,6 +42,7 @@ TINY_JOB = {
 }
 # About a second per epoch here: long enough to be killed after its first epoch, short to finish.
 LONG_JOB = {**TINY_JOB, "sizes": [784, 256, 10], "limit": 20000, "batch_size": 32, "epochs": 10}
+PARALLEL_JOB = {**LONG_JOB, "epochs": 4}  # two at once on 2 cores: each still runs several seconds
 LEASE_SECONDS = 3  # a killed trainer's job is taken over this soon after the restart
 WATCH_SECONDS = 120  # the longest job here takes ~15 s on 2 busy cores
 
@@ -302,7 +303,7 @@ def test_two_trainers_train_two_jobs_at_once(stack, redis_url, registry):
     trainers = stack.containers("trainer")
     assert len(trainers) == 2
     client = registry.client
-    jobs = [submit(stack, redis_url, f"parallel-{i}", LONG_JOB) for i in range(2)]
+    jobs = [submit(stack, redis_url, f"parallel-{i}", PARALLEL_JOB) for i in range(2)]
     # Both must be running before either finishes.
     for job_id in jobs:
         wait_for_event(
