@@ -78,14 +78,14 @@ def test_bad_job_written_straight_into_redis_fails_with_its_reason(redis_client)
     bad = {**TOY_JOB, "epochs": 0}
     redis_client.xadd(keys.JOBS_STREAM, {"job_id": "raw-bad", "job": json.dumps(bad)})
     redis_client.xadd(keys.JOBS_STREAM, {"job_id": "raw-junk", "job": "{not json"})
-    redis_client.xadd(keys.JOBS_STREAM, {"job": json.dumps(TOY_JOB)})  # no id: the entry id
+    entry_id = redis_client.xadd(keys.JOBS_STREAM, {"job": json.dumps(TOY_JOB)}).decode()
     make_worker(redis_client, None).run(exit_when_idle=True)
     assert job_status(redis_client, "raw-bad")["state"] == "failed"
     assert job_status(redis_client, "raw-bad")["error"].startswith("epochs: ")
     assert job_status(redis_client, "raw-junk")["error"].startswith("job: is not valid JSON")
-    entry_id = redis_client.xrange(keys.JOBS_STREAM)[-1][0].decode()
     assert job_status(redis_client, entry_id)["state"] == "succeeded"
     assert redis_client.xpending(keys.JOBS_STREAM, keys.JOBS_GROUP)["pending"] == 0
+    assert redis_client.xlen(keys.JOBS_STREAM) == 0  # settled entries are deleted: XLEN = backlog
 
 
 def test_cancelling_a_queued_job_means_it_never_runs(redis_client):

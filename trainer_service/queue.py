@@ -22,6 +22,8 @@ Design (README has the long form):
 - ``attempts`` (carried in the entry) plus the entry's delivery count is the job's delivery number;
   a job delivered more than ``max_deliveries`` times goes to ``keys.DEAD_LETTER_STREAM`` with its
   last error, from where ``requeue_job`` puts it back.
+- An acknowledged entry is deleted at once (one group reads the stream), so the stream holds only
+  queued and running jobs and XLEN is the backlog; history lives in status hashes and event streams.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ _HAND_BACK = (
 if not owns() then return 0 end
 redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[6], 'job', ARGV[7], 'attempts', ARGV[8])
 redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+redis.call('XDEL', KEYS[3], ARGV[5])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[2], 'state', ARGV[9], 'worker', '', 'updated_at', ARGV[11])
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[10]) end
@@ -149,6 +152,7 @@ if state == 'dead-lettered' then
 end
 if state == 'succeeded' then redis.call('DEL', KEYS[5]) end
 redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
+redis.call('XDEL', KEYS[3], ARGV[5])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[2], 'state', state, 'worker', '', 'updated_at', ARGV[11],
            'finished_at', ARGV[11])
@@ -398,7 +402,7 @@ class JobQueue:
         self._reclaim_cursor = _text(reply[0])
         for entry_id, fields in reply[1]:
             if not fields:  # deleted from the stream while pending: nothing to run
-                self.client.xack(keys.JOBS_STREAM, keys.JOBS_GROUP, entry_id)
+                self._drop_entry(entry_id)
                 continue
             pending = self.client.xpending_range(
                 keys.JOBS_STREAM, keys.JOBS_GROUP, entry_id, entry_id, 1
@@ -457,8 +461,8 @@ class JobQueue:
             error = f"delivered {delivery.attempt} times (max {self.max_deliveries})"
             self.finish(delivery, "dead-lettered", error=f"{error}; last error: {last or 'none'}")
         elif outcome in TERMINAL_STATES:  # a duplicate entry of a finished job
-            log.info("job %s is already %s; acknowledging entry %s", job_id, outcome, entry_id)
-            self.client.xack(keys.JOBS_STREAM, keys.JOBS_GROUP, entry_id)
+            log.info("job %s is already %s; dropping entry %s", job_id, outcome, entry_id)
+            self._drop_entry(entry_id)
             self.release(delivery)
         return None
 
@@ -478,6 +482,14 @@ class JobQueue:
             },
         )
         pipe.xack(keys.JOBS_STREAM, keys.JOBS_GROUP, entry_id)
+        pipe.xdel(keys.JOBS_STREAM, entry_id)
+        pipe.execute()
+
+    def _drop_entry(self, entry_id: str) -> None:
+        """Acknowledge and delete an entry that needs no run."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xack(keys.JOBS_STREAM, keys.JOBS_GROUP, entry_id)
+        pipe.xdel(keys.JOBS_STREAM, entry_id)
         pipe.execute()
 
     def _fenced(self, script: str, delivery: Delivery, extra_keys: list[str], args: list) -> int:
