@@ -118,7 +118,7 @@ def grpc_target(stack) -> str:
 
 
 @pytest.fixture(scope="module")
-def test_digits(mnist_dir):
+def mnist_test_digits(mnist_dir):
     _, test = load_mnist(mnist_dir)
     return test.take(500)
 
@@ -217,7 +217,7 @@ def test_fresh_stack_is_healthy_with_no_model_and_runs_as_non_root(stack, grpc_t
 
 @docker_test
 def test_job_submitted_from_the_host_trains_and_is_served(
-    stack, redis_url, registry, grpc_target, test_digits
+    stack, redis_url, registry, grpc_target, mnist_test_digits
 ):
     job_id = submit(stack, redis_url, "digits", TINY_JOB)
     watch(stack, redis_url, job_id)
@@ -225,9 +225,9 @@ def test_job_submitted_from_the_host_trains_and_is_served(
     assert version is not None
     assert registry.manifest("digits", version)["job_id"] == job_id
     wait_serving(grpc_target)
-    answer = classify(grpc_target, test_digits, "digits")
+    answer = classify(grpc_target, mnist_test_digits, "digits")
     assert (answer.model_name, answer.model_version) == ("digits", version)
-    accuracy = float((answer.labels == test_digits.labels).mean())
+    accuracy = float((answer.labels == mnist_test_digits.labels).mean())
     assert accuracy > 0.7, f"served model classifies only {accuracy:.0%} of test digits"
 
 
@@ -255,14 +255,14 @@ def test_trainer_killed_mid_job_comes_back_and_the_job_completes(stack, redis_ur
 
 @docker_test
 def test_restarted_inference_serves_the_latest_version_again(
-    stack, redis_url, registry, grpc_target, test_digits
+    stack, redis_url, registry, grpc_target, mnist_test_digits
 ):
     version = ensure_model(stack, redis_url, registry)
     inference = stack.container("inference")
     inference.restart(timeout=20)
     stack.wait_healthy(inference)
     wait_serving(grpc_target)
-    answer = classify(grpc_target, test_digits, "digits")
+    answer = classify(grpc_target, mnist_test_digits, "digits")
     assert answer.model_version == version == registry.latest_version("digits")
 
 
