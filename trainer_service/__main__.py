@@ -1,7 +1,7 @@
 """``python -m trainer_service``: flags and environment, connect to Redis, run the worker loop.
 
 Environment (flags win): REDIS_URL (redis:// or rediss://, password in the URL), MNIST_DIR,
-TRAINER_WORKER_ID, TRAINER_LEASE_SECONDS, TRAINER_MAX_DELIVERIES.
+MNIST_DOWNLOAD=1, TRAINER_WORKER_ID, TRAINER_LEASE_SECONDS, TRAINER_MAX_DELIVERIES.
 The first SIGTERM or SIGINT stops training at the next batch and hands the job back; a second
 one exits at once (the job is then reclaimed when its lease expires).
 """
@@ -35,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker-id", default=env("TRAINER_WORKER_ID") or default_worker_id())
     parser.add_argument("--data", default=env("MNIST_DIR"), help="folder holding the MNIST files")
     parser.add_argument(
+        "--download",
+        action="store_true",
+        default=env("MNIST_DOWNLOAD") == "1",
+        help="download missing MNIST files into the cache (SHA-256 checked)",
+    )
+    parser.add_argument(
         "--lease-seconds",
         type=float,
         default=float(env("TRAINER_LEASE_SECONDS", defaults.LEASE_SECONDS)),
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         client,
         args.worker_id,
         data_dir=args.data,
+        download=args.download,
         lease_seconds=args.lease_seconds,
         max_deliveries=args.max_deliveries,
         progress_interval=args.progress_interval,

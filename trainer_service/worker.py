@@ -91,6 +91,7 @@ class Worker:
         worker_id: str,
         *,
         data_dir: str | Path | None = None,
+        download: bool = False,
         lease_seconds: float = defaults.LEASE_SECONDS,
         max_deliveries: int = defaults.MAX_DELIVERIES,
         progress_interval: float = defaults.PROGRESS_INTERVAL_SECONDS,
@@ -99,6 +100,7 @@ class Worker:
         self.client = client
         self.worker_id = worker_id
         self.data_dir = data_dir
+        self.download = download  # fetch missing MNIST files (hash-checked) into the cache
         self.queue = JobQueue(
             client, worker_id, lease_seconds=lease_seconds, max_deliveries=max_deliveries
         )
@@ -239,7 +241,7 @@ class Worker:
             data = spec.inline.take(spec.limit) if spec.limit else spec.inline
             return data, spec.inline  # a toy has no separate test set: it is scored on itself
         if self._mnist is None:
-            self._mnist = load_mnist(self.data_dir)
+            self._mnist = load_mnist(self.data_dir, download=self.download)
         train, test = self._mnist
         return (train.take(spec.limit) if spec.limit else train), test
 
