@@ -68,10 +68,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "version number. Without --model every published model is served.",
     )
     p.add_argument(
+        "--batching",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.BATCHING,
+        help="adaptive dynamic batching of concurrent requests (never waits on an empty queue)",
+    )
+    p.add_argument(
         "--max-batch",
         type=int,
         default=defaults.MAX_BATCH,
-        help="images in one forward pass; 1 turns dynamic batching off",
+        help="with --batching: images in one forward pass",
     )
     p.add_argument(
         "--max-queue-delay-ms",
@@ -104,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     store = ModelStore(
         registry,
         dict(args.models) if args.models else None,
-        batching=BatchingConfig(args.max_batch, args.max_queue_delay_ms / 1000),
+        batching=BatchingConfig(
+            max_rows=args.max_batch if args.batching else 1,
+            max_delay_seconds=args.max_queue_delay_ms / 1000,
+        ),
     )
     server = InferenceServer(
         store,

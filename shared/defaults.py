@@ -32,6 +32,7 @@ MODEL_EVENTS_MAXLEN = 10_000  # the model-events stream is capped (approximate t
 GRPC_PORT = 50051  # gRPC's customary port
 METRICS_PORT = 9100  # Prometheus metrics over HTTP
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # ~5,000 float32 images per request; larger is refused
+BATCHING = False  # off by default: on 2 cores it did not pay for the small net (bench_serve.py)
 MAX_BATCH = 256  # dynamic batching: rows in one forward pass
 MAX_QUEUE_DELAY_MS = 0.0  # adaptive batching: never wait on an empty queue (see README)
 BATCH_ROWS_ALONE = 16  # requests this large amortise a pass alone; batching them only serialises

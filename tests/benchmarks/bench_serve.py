@@ -1,14 +1,16 @@
 """Load-test the inference service on loopback against a bare grpcio echo server.
 
-    python tests/benchmarks/bench_serve.py [--json] [--seconds 2]
+    python tests/benchmarks/bench_serve.py [--json] [--rounds 6] [--seconds 0.5]
 
-Starts a real redis-server, publishes a 784-128-64-10 network, runs ``python -m
-inference_service`` with adaptive batching and with batching off, and an echo server (generic
-handler, bytes in, the same bytes out: gRPC's own cost and nothing else) in separate processes.
-A closed-loop load generator keeps ``concurrency`` requests outstanding for single images and
-batches of 64 and reports requests/s, images/s and p50/p99 latency. Then it publishes new
-versions under load and measures publication-to-first-answer time. With ``--json`` the last line
-is one JSON object holding the headline figures.
+Starts a real redis-server, publishes a 784-128-64-10 network and a 784-1024-1024-10 one, and
+runs ``python -m inference_service`` with its defaults (batching off) and with ``--batching``,
+plus an echo server (generic handler, bytes in, the same bytes out: gRPC's own cost and nothing
+else), each in its own process. A closed-loop load generator keeps ``concurrency`` requests
+outstanding for single images and batches of 64 and reports requests/s, images/s and p50/p99
+latency; rounds rotate between the servers so background load hits them alike. The wide network
+shows where batching pays (its forward pass costs as much as gRPC). Then new versions are
+published under load and the time to the first answer from each is measured. With ``--json``
+the last line is one JSON object holding the headline figures.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ from shared.snapshot import snapshot_manifest  # noqa: E402
 from shared.wire.mnist.v1 import digits_pb2  # noqa: E402
 
 MODEL = "bench"
+WIDE = "bench-wide"  # a network whose forward pass costs as much as gRPC: where batching pays
+SIZES = {MODEL: (784, 128, 64, 10), WIDE: (784, 1024, 1024, 10)}
 ECHO_METHOD = "/bench.Echo/Echo"
 CONCURRENCY = (1, 8, 32)
 BATCHES = (1, 64)
-WARMUP_SECONDS = 0.5
+WARMUP_SECONDS = 0.2
 CALL_TIMEOUT_SECONDS = 30.0  # a hung call shows up as an error instead of a hung benchmark
 
 
@@ -62,18 +66,14 @@ def wait_until_listening(target: str) -> grpc.Channel:
     return channel
 
 
-def network(seed: int) -> MLP:
-    return MLP.create(
-        (784, 128, 64, 10),
-        ("relu", "relu", "softmax"),
-        "cross_entropy",
-        rng=np.random.default_rng(seed),
-    )
+def network(seed: int, sizes: tuple[int, ...]) -> MLP:
+    activations = ("relu",) * (len(sizes) - 2) + ("softmax",)
+    return MLP.create(sizes, activations, "cross_entropy", rng=np.random.default_rng(seed))
 
 
-def publish(registry: Registry, seed: int) -> int:
-    model = network(seed)
-    manifest = snapshot_manifest(model, model_name=MODEL, metrics={"test_accuracy": 0.0})
+def publish(registry: Registry, seed: int, name: str = MODEL) -> int:
+    model = network(seed, SIZES[name])
+    manifest = snapshot_manifest(model, model_name=name, metrics={"test_accuracy": 0.0})
     return registry.publish_snapshot(model, manifest)
 
 
@@ -153,37 +153,58 @@ def classify_call(channel: grpc.Channel):
     )
 
 
-def classify_request(images: int) -> digits_pb2.ClassifyRequest:
+def classify_request(images: int, model: str = MODEL) -> digits_pb2.ClassifyRequest:
     pixels = np.random.default_rng(images).integers(0, 256, (images, 784), dtype=np.uint8)
     return digits_pb2.ClassifyRequest(
-        model_name=MODEL, images=[digits_pb2.Image(pixels=row.tobytes()) for row in pixels]
+        model_name=model, images=[digits_pb2.Image(pixels=row.tobytes()) for row in pixels]
     )
 
 
-def start_inference(redis_url: str, port: int, max_batch: int, workers: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "inference_service",
-            "--model",
-            MODEL,
-            "--host",
-            "127.0.0.1",
-            "--grpc-port",
-            str(port),
-            "--metrics-port",
-            "0",
-            "--max-batch",
-            str(max_batch),
-            "--workers",
-            str(workers),
-            "--log-level",
-            "WARNING",
-        ],
-        cwd=REPO,
-        env={**os.environ, "REDIS_URL": redis_url},
-    )
+def start_inference(redis_url: str, port: int, workers: int, *flags: str) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "inference_service",
+        "--model",
+        MODEL,
+        "--model",
+        WIDE,
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--workers",
+        str(workers),
+        "--log-level",
+        "WARNING",
+        *flags,
+    ]
+    return subprocess.Popen(command, cwd=REPO, env={**os.environ, "REDIS_URL": redis_url})
+
+
+def measure(
+    channels: dict[str, grpc.Channel],
+    model: str,
+    images: int,
+    concurrency: int,
+    args: argparse.Namespace,
+) -> dict[str, dict]:
+    """Figures per server for one setup; rounds rotate the order so none is always first."""
+    request = classify_request(images, model)
+    payload = request.SerializeToString()
+    names = list(channels)
+    pooled: dict[str, list[ClosedLoop]] = {name: [] for name in names}
+    for round_ in range(args.rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            if name == "echo":
+                call, body = channels[name].unary_unary(ECHO_METHOD), payload
+            else:
+                call, body = classify_call(channels[name]), request
+            pooled[name].append(ClosedLoop(call, body, concurrency, args.seconds).run())
+    return {name: figures(loops, args.seconds, images) for name, loops in pooled.items()}
 
 
 def publish_to_serve(channel: grpc.Channel, registry: Registry, versions: int) -> list[float]:
@@ -218,8 +239,8 @@ def publish_to_serve(channel: grpc.Channel, registry: Registry, versions: int) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--seconds", type=float, default=1.0, help="measured time per round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per setup, interleaved")
+    parser.add_argument("--seconds", type=float, default=0.5, help="measured time per round")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per setup, interleaved")
     parser.add_argument(
         "--workers", type=int, default=defaults.SERVER_WORKERS, help="server threads (both servers)"
     )
@@ -235,48 +256,38 @@ def main(argv: list[str] | None = None) -> int:
     with RedisServer() as redis_server:
         registry = Registry(redis_server.client())
         publish(registry, 0)
+        publish(registry, 0, WIDE)
         try:
-            targets = {}
-            for name, max_batch in (("classify", 256), ("classify_nobatch", 1)):
-                port = free_port()
-                processes.append(start_inference(redis_server.url, port, max_batch, args.workers))
-                targets[name] = port
-            port = free_port()
-            processes.append(
+            ports = {name: free_port() for name in ("classify", "classify_batched", "echo")}
+            processes += [
+                start_inference(redis_server.url, ports["classify"], args.workers),
+                start_inference(
+                    redis_server.url, ports["classify_batched"], args.workers, "--batching"
+                ),
                 subprocess.Popen(
                     [
                         sys.executable,
                         __file__,
                         "--echo-server",
-                        str(port),
+                        str(ports["echo"]),
                         "--workers",
                         str(args.workers),
                     ]
-                )
-            )
-            targets["echo"] = port
+                ),
+            ]
             channels = {
-                name: wait_until_listening(f"127.0.0.1:{port}") for name, port in targets.items()
+                name: wait_until_listening(f"127.0.0.1:{port}") for name, port in ports.items()
             }
-            for images in BATCHES:
-                request = classify_request(images)
-                payload = request.SerializeToString()
-                for concurrency in CONCURRENCY:
-                    pooled: dict[str, list[ClosedLoop]] = {name: [] for name in channels}
-                    # Rounds alternate the servers so that both see the same background load.
-                    for _ in range(args.rounds):
-                        for name, channel in channels.items():
-                            if name == "echo":
-                                call, body = channel.unary_unary(ECHO_METHOD), payload
-                            else:
-                                call, body = classify_call(channel), request
-                            pooled[name].append(
-                                ClosedLoop(call, body, concurrency, args.seconds).run()
-                            )
-                    for name, loops in pooled.items():
-                        key = f"{name}_b{images}_c{concurrency}"
-                        results[key] = figures(loops, args.seconds, images)
-                        print(f"{key:28s} {results[key]}", flush=True)
+            setups = [(MODEL, images, c, channels) for images in BATCHES for c in CONCURRENCY]
+            classify_only = {k: v for k, v in channels.items() if k != "echo"}
+            setups += [(WIDE, 1, c, classify_only) for c in CONCURRENCY[1:]]
+            for model, images, concurrency, servers in setups:
+                figures_by_server = measure(servers, model, images, concurrency, args)
+                for name, numbers in figures_by_server.items():
+                    prefix = "wide_" if model == WIDE else ""
+                    key = f"{prefix}{name}_b{images}_c{concurrency}"
+                    results[key] = numbers
+                    print(f"{key:32s} {numbers}", flush=True)
             delays = publish_to_serve(channels["classify"], registry, args.publications)
             for channel in channels.values():
                 channel.close()
@@ -288,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
 
     headline = {
         "classify_rps_c32": results["classify_b1_c32"]["rps"],
-        "classify_nobatch_rps_c32": results["classify_nobatch_b1_c32"]["rps"],
+        "classify_batched_rps_c32": results["classify_batched_b1_c32"]["rps"],
+        "wide_rps_c32": results["wide_classify_b1_c32"]["rps"],
+        "wide_batched_rps_c32": results["wide_classify_batched_b1_c32"]["rps"],
         "echo_rps_c32": results["echo_b1_c32"]["rps"],
         "ratio_echo_c32": round(
             results["classify_b1_c32"]["rps"] / results["echo_b1_c32"]["rps"], 3
