@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from trainer_support import (
@@ -13,6 +14,7 @@ from trainer_support import (
     tiny_job,
     wait_for_event,
     wait_for_state,
+    wait_until,
     write_tiny_mnist,
 )
 
@@ -58,6 +60,12 @@ def published_once_per_epoch(client, model: str, job_id: str, epochs: int) -> No
     )
     assert len(set(publications.values())) == epochs
     assert int(client.get(keys.model_next_version(model))) == epochs  # no version was wasted
+
+
+def process_state(pid: int) -> str:
+    """The state letter in /proc/PID/stat (R running, S sleeping, T stopped, ...)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def epoch_event(n: int):
@@ -192,6 +200,8 @@ def test_a_second_signal_exits_at_once(redis_client, workers):
     submit_job(redis_client, dumps(LONG_JOB), "twice")
     wait_for_event(redis_client, "twice", epoch_event(2))
     worker.signal(signal.SIGSTOP)  # both signals then arrive together: no race with hand-back
+    # A SIGCONT sent before the stop took effect would cancel it: wait until it is stopped.
+    wait_until(lambda: process_state(worker.process.pid) == "T", what="the worker to stop")
     worker.signal(signal.SIGTERM)
     worker.signal(signal.SIGINT)
     worker.signal(signal.SIGCONT)

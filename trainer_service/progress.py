@@ -121,13 +121,14 @@ class ProgressReporter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Write what is buffered (trying for at most ``timeout`` seconds) and stop the thread."""
+    def close(self) -> None:
+        """Write what is buffered and stop the thread. While Redis is unreachable this waits for
+        it, as the job's final state must wait anyway, so watchers see every epoch."""
         if not self._thread.is_alive():
             return
         self._closing = True
         self._wake.set()
-        self._thread.join(timeout + self.interval)
+        self._thread.join()
 
     def flush(self) -> bool:
         """Write buffered events and read the cancel flag (one script, one round trip); False if
@@ -169,13 +170,10 @@ class ProgressReporter:
 
     def _run(self) -> None:
         backoff = self.interval
-        deadline = None
         while True:
             self._wake.wait(backoff)
             self._wake.clear()
             written = self.flush()
-            if self._closing:
-                deadline = deadline or time.monotonic() + 2.0
-                if written or time.monotonic() > deadline:
-                    return
+            if self._closing and written:
+                return
             backoff = self.interval if written else min(backoff * 2, defaults.RECONNECT_MAX_SECONDS)
