@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 import redis
@@ -97,7 +98,7 @@ def _print_json(value: Any) -> None:
 def run_submit(args: argparse.Namespace) -> int:
     job: dict[str, Any] = {}
     if args.file:
-        text = sys.stdin.read() if args.file == "-" else open(args.file).read()  # noqa: SIM115
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
         try:
             job = json.loads(text)
         except ValueError as exc:
