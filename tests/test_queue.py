@@ -161,3 +161,11 @@ def test_cancel_a_running_job_sets_its_flag(redis_client):
     assert a.finish(delivery, "cancelled")
     assert cancel_job(redis_client, "run") == "cancelled"
     assert cancel_job(redis_client, "unknown") is None
+
+
+def test_a_vanished_stream_and_group_are_recreated_not_fatal(redis_client):
+    a = queue(redis_client, "a")
+    redis_client.flushall()  # as a Redis restarted without persistence
+    assert a.claim(0.05) is None
+    submit_job(redis_client, dumps(TOY_JOB), "after")
+    assert a.claim(0.5).job_id == "after"

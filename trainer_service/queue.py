@@ -365,6 +365,19 @@ class JobQueue:
         """A job to run: first a stale one whose worker died, else a new one; None if none came
         within ``block_seconds``. Entries that need no run (cancelled, finished, dead) are settled
         on the way."""
+        try:
+            return self._claim(block_seconds)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or group vanished (a Redis restarted without persistence, a FLUSHALL):
+            # recreate them rather than crash; jobs submitted from now on are seen.
+            log.warning("consumer group missing (%s); creating it again", exc)
+            self.ensure_group()
+            self._reclaim_cursor = "0-0"
+            return None
+
+    def _claim(self, block_seconds: float) -> Delivery | None:
         deadline = time.monotonic() + block_seconds
         while True:
             stale = self._claim_stale()
