@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -130,6 +131,8 @@ def test_signal_hands_the_job_back_and_the_resumed_run_is_bitwise_equal(
     signalled = time.monotonic()
     wait_for_event(redis_client, "t1", lambda e: e.get("state") == "queued", last_id=last)
     handed_back = time.monotonic()
+    so_far = json.loads(job_status(redis_client, "t1")["published"])  # listed as they come
+    assert so_far == list(range(1, len(so_far) + 1)) and len(so_far) >= 2
     wait_for_event(redis_client, "t1", lambda e: e.get("state") == "running", last_id=last)
     assert first.process.wait(10) == 0
     print(f"\n{sig.name} -> handed back {handed_back - signalled:.3f} s, "

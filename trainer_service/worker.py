@@ -268,6 +268,7 @@ class JobRun(TrainingCallbacks):
         self._write_delay = 0.0  # backoff of writes attempted between epochs while Redis is down
         self._next_write = 0.0
         self._published_epochs: set[int] = set()
+        self._versions: list[int] = []
 
     # --- training ---
 
@@ -286,6 +287,8 @@ class JobRun(TrainingCallbacks):
             log.warning("job %s: ignoring checkpoint: %s", job_id, exc)
         if resume is not None:
             log.info("job %s: resuming after epoch %d", job_id, resume.epoch)
+        # Versions earlier deliveries published, so the status lists all of them as they come.
+        self._versions = self.worker.retry(self.published_versions, "list published versions") or []
         result = fit(self.model, train, spec.training, test=test, resume=resume, callbacks=self)
         if result.stopped:
             self._write_pending(block=True)  # keep the last checkpoint for whoever resumes
@@ -421,9 +424,10 @@ class JobRun(TrainingCallbacks):
             )
             assert self.reporter is not None
             self._published_epochs.add(epoch)
+            self._versions = sorted({*self._versions, version})
             self.reporter.record(
                 "published",
-                status={"latest_version": version},
+                status={"latest_version": version, "published": json.dumps(self._versions)},
                 model=self.spec.model,
                 version=version,
                 epoch=epoch,
