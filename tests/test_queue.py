@@ -52,6 +52,14 @@ def test_claim_takes_a_lease_with_a_random_token_and_ttl(redis_client):
     assert status["state"] == "running" and status["worker"] == "a" and status["attempts"] == "1"
 
 
+def test_a_job_written_straight_into_redis_gets_its_model_in_the_status(redis_client):
+    redis_client.xadd(keys.JOBS_STREAM, {"job_id": "raw", "job": dumps({**TOY_JOB, "model": "m1"})})
+    delivery = queue(redis_client, "a").claim(0.1)
+    assert delivery is not None and delivery.job_id == "raw"
+    status = job_status(redis_client, "raw")
+    assert status["model"] == "m1" and status["state"] == "running"
+
+
 def test_an_idle_entry_whose_lease_is_held_is_not_run_by_another_worker(redis_client):
     submit_job(redis_client, dumps(TOY_JOB), "held")
     a = queue(redis_client, "a", lease=30)

@@ -86,7 +86,7 @@ return 1
 )
 
 # KEYS: lease, status, cancel, index, events. ARGV: token, worker, lease_ms, job_id, job, attempt,
-# max_deliveries, now, now_ms, maxlen, entry_id.
+# max_deliveries, now, now_ms, maxlen, entry_id, model.
 _START = (
     _OWNS
     + _STATE_EVENT
@@ -99,7 +99,7 @@ if redis.call('EXISTS', KEYS[3]) == 1 then return 'cancel' end
 if tonumber(ARGV[6]) > tonumber(ARGV[7]) then return 'dead' end
 if not state then
   redis.call('HSET', KEYS[2], 'job_id', ARGV[4], 'spec', ARGV[5], 'submitted_at', ARGV[8],
-             'error', '')
+             'error', '', 'model', ARGV[12])
   redis.call('ZADD', KEYS[4], 'NX', ARGV[9], ARGV[4])
 end
 redis.call('HSET', KEYS[2], 'state', 'running', 'worker', ARGV[2], 'attempts', ARGV[6],
@@ -191,6 +191,16 @@ return 'cancelled'
 def utc_now() -> str:
     """The current time as ISO 8601 UTC, as every timestamp in a status hash."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _model_name(job_json: str) -> str:
+    """The job's model name for its status, "" if the JSON has none (validation says why later)."""
+    try:
+        data = json.loads(job_json)
+    except ValueError:
+        return ""
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else ""
 
 
 def _text(value: bytes | str | None) -> str:
@@ -463,6 +473,7 @@ class JobQueue:
                 int(time.time() * 1000),
                 defaults.JOB_EVENTS_MAXLEN,
                 entry_id,
+                _model_name(job_json),
             )
         )
         if outcome == "running":
