@@ -130,7 +130,10 @@ class Stack:
 
     def wait_healthy(self, container, timeout: float = 90) -> None:
         """Block on Docker's health_status events until ``container`` is healthy."""
-        since = f"{time.time() - 0.5:.9f}"  # a little before now: no change slips between
+        # Events from this instant on, read before the state: no change slips in between, and a
+        # restart that returned already (its die event is older) does not count as a death.
+        since = f"{time.time():.9f}"
+        started = time.monotonic()
         container.reload()
         if health(container) == "healthy":
             return
@@ -150,7 +153,7 @@ class Stack:
             events.close()
         container.reload()
         raise AssertionError(
-            f"{container.name} is not healthy after {timeout:.0f} s "
+            f"{container.name} is not healthy after {time.monotonic() - started:.0f} s "
             f"(state {container.status}, health {health(container)}; "
             f"last probes {container.attrs['State'].get('Health', {}).get('Log', [])[-2:]})\n"
             f"{self.logs()}"

@@ -201,6 +201,8 @@ def ensure_model(stack, redis_url, registry, model: str = "digits") -> int:
 def test_fresh_stack_is_healthy_with_no_model_and_runs_as_non_root(stack, grpc_target):
     inference = stack.container("inference")
     assert health_status(grpc_target) == "NOT_SERVING"  # healthy for Docker, not yet for traffic
+    assert inference.exec_run(["mnist-healthcheck"]).exit_code == 0
+    assert inference.exec_run(["mnist-healthcheck", "--serving"]).exit_code == 1
     assert inference.exec_run(["id", "-u"]).output.decode().strip() == "10001"
     image = stack.client.images.get(stack.settings["APP_IMAGE"])
     assert image.attrs["Config"]["User"] == "10001:10001"
@@ -225,6 +227,7 @@ def test_job_submitted_from_the_host_trains_and_is_served(
     assert version is not None
     assert registry.manifest("digits", version)["job_id"] == job_id
     wait_serving(grpc_target)
+    assert stack.container("inference").exec_run(["mnist-healthcheck", "--serving"]).exit_code == 0
     answer = classify(grpc_target, mnist_test_digits, "digits")
     assert (answer.model_name, answer.model_version) == ("digits", version)
     accuracy = float((answer.labels == mnist_test_digits.labels).mean())
