@@ -19,10 +19,10 @@ import numpy as np
 
 from shared import defaults
 from shared.dataset import Dataset
-from shared.mlp import DTYPES, INITIALISATIONS, check_architecture
+from shared.mlp import DTYPES, INITIALISATIONS, MLP, check_architecture
 from shared.presets import PRESETS
 from shared.scaling import InputScaling
-from shared.training import TrainConfig
+from shared.training import TrainConfig, training_rngs
 
 # Job ids and model names become parts of Redis keys and publication ids: keep them plain.
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -108,6 +108,19 @@ class JobSpec:
         if self.inline is None:
             return defaults.MNIST_CLASSES
         return max(int(self.inline.labels.max()) + 1, 2)
+
+    def initial_model(self) -> MLP:
+        """The freshly initialised network, seeded from ``training.seed``."""
+        init_rng, _ = training_rngs(self.training.seed)
+        return MLP.create(
+            self.sizes,
+            self.activations,
+            self.loss,
+            rng=init_rng,
+            init=self.init,
+            dtype=self.dtype,
+            input_scaling=self.input_scaling,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """Every field explicit, in the job schema: validating it again gives the same spec."""

@@ -33,7 +33,6 @@ from shared.training import (
     TrainingCallbacks,
     evaluate,
     fit,
-    training_rngs,
 )
 from trainer_service.checkpoint import (
     CheckpointError,
@@ -50,16 +49,7 @@ T = TypeVar("T")
 
 def build_model(spec: JobSpec, warm_start: MLP | None = None) -> MLP:
     """The job's initial network: seeded from ``spec.training.seed``, or a warm start's weights."""
-    init_rng, _ = training_rngs(spec.training.seed)
-    model = MLP.create(
-        spec.sizes,
-        spec.activations,
-        spec.loss,
-        rng=init_rng,
-        init=spec.init,
-        dtype=spec.dtype,
-        input_scaling=spec.input_scaling,
-    )
+    model = spec.initial_model()
     if warm_start is not None:
         if (warm_start.sizes, warm_start.activations, warm_start.loss) != (
             model.sizes,

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 
-from shared.mlp import MLP
+from shared.jobspec import parse_job
 from shared.mnist import load_mnist
 from shared.presets import PRESETS
-from shared.training import BatchProgress, EpochReport, TrainingCallbacks, fit, training_rngs
+from shared.training import BatchProgress, EpochReport, TrainingCallbacks, fit
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,24 +84,19 @@ class ConsoleProgress(TrainingCallbacks):
 
 def run(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None}
+    # A local run is described as a job, so it is validated and built as a queued one would be.
+    job = {"model": args.preset, "preset": args.preset}
+    job.update({k: v for k in ("epochs", "seed", "limit") if (v := getattr(args, k)) is not None})
     try:
-        config = dataclasses.replace(preset.config, **overrides)
+        spec = parse_job(job)
         train, test = load_mnist(args.data, download=args.download)
     except ValueError as exc:
         print(f"mnistctl train: {exc}", file=sys.stderr)
         return 2
-    if args.limit:
-        train = train.take(args.limit)
-    init_rng, _ = training_rngs(config.seed)
-    model = MLP.create(
-        preset.sizes,
-        preset.activations,
-        preset.loss,
-        rng=init_rng,
-        init=preset.init,
-        input_scaling=preset.input_scaling,
-    )
+    if spec.limit:
+        train = train.take(spec.limit)
+    config = spec.training
+    model = spec.initial_model()
     print(
         f"preset {args.preset}: {preset.description}; {model.parameter_count:,} parameters, "
         f"{len(train):,} training images",
