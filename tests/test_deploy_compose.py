@@ -77,6 +77,9 @@ def stack(mnist_dir, tmp_path_factory):
         tmp_path_factory.mktemp("compose"),
         {
             "REDIS_PASSWORD": f"e2e-{time.time_ns():x}",
+            # What build_bases.sh makes: the test needs no registry.
+            "PYTHON_BASE": "mnist-base/python:3.11-bookworm",
+            "REDIS_IMAGE": "mnist-base/redis:7-bookworm",
             "APP_IMAGE": "mnist-mlp-service:e2e",
             "INFERENCE_BIND_ADDRESS": "127.0.0.1",
             "INFERENCE_GRPC_PORT": str(free_port()),
