@@ -4,6 +4,7 @@ wait for their health through Docker's event stream, read their logs, tear every
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 REDIS_PORT_FILE = DEPLOY / "docker-compose.redis-port.yml"
 ENV_EXAMPLE = DEPLOY / ".env.example"
 BUILD_BASES = DEPLOY / "build_bases.sh"
+BUILD_LOCK = DEPLOY / ".build" / "e2e-build.lock"  # .build/ is ignored by git and docker
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 LOG_TAIL = 60  # lines per container in a failure message: enough for a traceback
@@ -187,6 +189,14 @@ def build_images(stack: Stack) -> dict[str, float]:
     The build stage is tagged too (``APP_IMAGE-venv``) so that the images a rebuild supersedes
     can be removed: repeated runs would otherwise leave ~0.5 GB of untagged images each.
     """
+    BUILD_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with BUILD_LOCK.open("w") as lock:
+        # Runs at the same time would rewrite the wheelhouse under each other's docker build.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_images(stack)
+
+
+def _build_images(stack: Stack) -> dict[str, float]:
     import docker.errors
 
     client = stack.client
