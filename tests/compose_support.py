@@ -224,9 +224,11 @@ def _build_images(stack: Stack) -> dict[str, float]:
     timings["compose build"] = time.monotonic() - started
     for tag, old_id in superseded.items():
         if old_id and old_id != image_id_of(client, tag):
-            # An image that a container of another run still uses stays.
+            # Only an image left untagged: another tag (say :latest) may name the same build. One
+            # that a container of another run still uses stays too.
             with contextlib.suppress(docker.errors.APIError):
-                client.images.remove(old_id)
+                if not client.images.get(old_id).tags:
+                    client.images.remove(old_id)
     return timings
 
 
