@@ -97,7 +97,11 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(redis_server, red
             process.kill()
         logs = process.communicate()[1]
     codes = {code for _, _, code in calls}
-    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    # Refusals: UNAVAILABLE once the port is closed; CANCELLED for a call gRPC core had received
+    # but not yet handed to the handler threads when shutdown began (core fails such queued
+    # calls; seen only under heavy CPU load). Anything else would be a request that broke.
+    refusals = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+    assert codes <= {grpc.StatusCode.OK} | refusals, codes
     drained = [c for c in calls if c[0] < sent < c[1] and c[2] == grpc.StatusCode.OK]
     assert drained, "no request was in flight at SIGTERM and finished after it"
     entries = [json.loads(line) for line in logs.splitlines() if line.strip()]
