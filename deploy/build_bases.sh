@@ -108,12 +108,22 @@ image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 
 image_size() { docker image inspect --format '{{.Size}}' "$1" | awk '{ printf "%.1f MB", $1 / 1e6 }'; }
 
+# A fresh machine (CI's too) may lack debootstrap; Debian's own package is all it takes.
+ensure_debootstrap() {
+    command -v debootstrap >/dev/null && return 0
+    command -v apt-get >/dev/null || die "debootstrap is not installed and there is no apt-get"
+    log "installing debootstrap with apt-get"
+    apt-get update -q >&2 || die "apt-get update failed; install debootstrap by hand"
+    DEBIAN_FRONTEND=noninteractive apt-get install -qy --no-install-recommends debootstrap >&2 ||
+        die "could not install debootstrap"
+}
+
 build_minbase() {
     if [[ -f $MINBASE/.complete && $force == 0 ]]; then
         log "reusing $MINBASE"
         return
     fi
-    command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
+    ensure_debootstrap
     local started=$SECONDS tmp=$MINBASE.partial
     remove_tree "$tmp"
     remove_tree "$MINBASE"
