@@ -46,11 +46,11 @@ def activate(name: str, Z: np.ndarray) -> None:
         np.maximum(Z, 0, out=Z)
     elif name == "sigmoid":
         # 0.5 * (1 + tanh(z / 2)) equals 1 / (1 + exp(-z)) and never overflows.
-        half = dtype_scalar(0.5, Z.dtype)
-        Z *= half
+        # Python floats never upcast an array (NEP 50), and skip a scalar conversion per call.
+        Z *= 0.5
         np.tanh(Z, out=Z)
-        Z *= half
-        Z += half
+        Z *= 0.5
+        Z += 0.5
     elif name == "tanh":
         np.tanh(Z, out=Z)
     elif name == "softmax":
@@ -115,7 +115,7 @@ def output_delta(
     scratch: np.ndarray,
 ) -> None:
     """Write ``scale`` * dL/dZ of the output layer into ``out`` (``scale`` folds in 1/n and lr)."""
-    s = dtype_scalar(scale, A.dtype)
+    s = float(scale)
     np.subtract(A, Y, out=out)
     if (activation, loss) in FUSED or (loss == "mse" and activation == "identity"):
         out *= s

@@ -9,7 +9,8 @@ scalings such as ``0.01 + 0.99 * x / 255``. Writing the input as ``x = offset + 
 
 the first term is the same for every row and is kept in a row vector ``shift`` (the weights are
 ``W0 + 1 (x) shift``), and the second touches only the rows where ``p != 0``. ``shift`` is folded
-into ``W0`` whenever the weights are read outside this stepper.
+into ``W0`` whenever the weights are read outside this stepper. The forward pass is sparse too:
+``x @ W0 = offset * colsum(W0) + scale * p @ W0``, with the rows it gathers reused for the update.
 """
 
 from __future__ import annotations
@@ -41,16 +42,33 @@ class SparseInputSGD:
             else np.zeros(raw.shape[0], dtype=model.dtype)
         )
         self.sums[np.diff(self.starts) == 0] = 0  # reduceat repeats a value for empty rows
+        self.value_sums = self.sums.copy()
         self.sums += self.offset * raw.shape[1]
+        # Column sums of the first layer (float64: updated incrementally, recomputed on fold),
+        # so the offset's share of the forward pass needs no dense product.
+        self.column_sums = model.weights[0].sum(axis=0, dtype=np.float64)
         self.shift = np.zeros(model.sizes[1], dtype=model.dtype)
         self.shift_pending = False
 
     def step(self, index: int, x: np.ndarray, y: np.ndarray, lr: float) -> np.ndarray:
-        """Step on example ``index`` (scaled ``x (1, d)``, target ``y (1, k)``); return outputs."""
+        """Step on example ``index`` (scaled ``x (1, d)``, target ``y (1, k)``).
+
+        Returns the outputs before the update, a view valid until the next step.
+        """
         m, ws = self.model, self.ws
         W0, b0 = m.weights[0], m.biases[0]
+        start, stop = self.starts[index], self.starts[index + 1]
+        sparse = stop - start <= self.dense_above
         Z = ws.A[1]
-        np.matmul(x, W0, out=Z)
+        if sparse:
+            rows = self.columns[start:stop]
+            values = self.values[start:stop]
+            touched = W0[rows]  # gathered once: for the forward pass and for the update
+            np.matmul(values, touched, out=Z[0])
+            if self.offset:
+                Z += self.offset * self.column_sums
+        else:
+            np.matmul(x, W0, out=Z)
         if self.shift_pending:
             Z += self.sums[index] * self.shift
         Z += b0
@@ -60,7 +78,6 @@ class SparseInputSGD:
             np.matmul(ws.A[layer], m.weights[layer], out=Z)
             Z += m.biases[layer]
             activate(m.activations[layer], Z)
-        out = ws.A[-1].copy()
 
         L = len(m.weights)
         output_delta(m.loss, m.activations[-1], ws.A[-1], y, lr, ws.delta[-1], ws.scratch[-1])
@@ -73,19 +90,21 @@ class SparseInputSGD:
             m.weights[layer] -= ws.grad_W[layer]
             m.biases[layer] -= delta[0]
         delta0 = ws.delta[0][0]  # already multiplied by lr
-        start, stop = self.starts[index], self.starts[index + 1]
-        if stop - start > self.dense_above:
+        if sparse:
+            touched -= np.multiply.outer(values, delta0)
+            W0[rows] = touched
+            if self.offset:
+                self.column_sums -= self.value_sums[index] * delta0
+                self.shift -= self.offset * delta0
+                self.shift_pending = True
+        else:
             # Dense input: the plain outer product is cheaper than gathering most rows.
             np.multiply(x.T, delta0, out=ws.grad_W[0])
             W0 -= ws.grad_W[0]
-        else:
-            rows = self.columns[start:stop]
-            W0[rows] -= np.multiply.outer(self.values[start:stop], delta0)
             if self.offset:
-                self.shift -= self.offset * delta0
-                self.shift_pending = True
+                self.column_sums -= self.sums[index] * delta0
         b0 -= delta0
-        return out
+        return ws.A[-1]
 
     def fold(self) -> None:
         """Move the pending row-constant part into the first layer's weights."""
@@ -93,3 +112,4 @@ class SparseInputSGD:
             self.model.weights[0] += self.shift
             self.shift[...] = 0
             self.shift_pending = False
+        self.column_sums = self.model.weights[0].sum(axis=0, dtype=np.float64)  # drift-free
