@@ -265,7 +265,7 @@ def _expected_shapes(sizes: list[int]) -> dict[str, tuple[int, ...]]:
 def _read_npz(
     weights: bytes, shapes: dict[str, tuple[int, ...]], dtype: np.dtype
 ) -> dict[str, np.ndarray]:
-    """Exactly the arrays in ``shapes``, each of ``dtype``, loaded without pickle."""
+    """Exactly the arrays in ``shapes``, each of ``dtype``, loaded with allow_pickle=False."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(weights))
         entries = archive.infolist()
@@ -309,7 +309,7 @@ def _read_npz(
     except Exception as exc:
         # Untrusted bytes make zipfile and np.load raise many types (BadZipFile for a bad CRC,
         # NotImplementedError for an unknown compression method, RuntimeError for encryption,
-        # ValueError for object arrays, which need pickle); each means the same to a caller.
+        # ValueError for object arrays, refused by allow_pickle=False); each means the same here.
         raise SnapshotError(f"weights .npz cannot be read safely: {exc}") from exc
     return arrays
 

@@ -1,4 +1,4 @@
-"""End-of-epoch checkpoints in Redis: a TrainingState as JSON plus .npz bytes, never pickle.
+"""End-of-epoch checkpoints in Redis: a TrainingState as JSON plus .npz (allow_pickle=False).
 
 The checkpoint hash (``keys.job_checkpoint``) holds ``meta`` (JSON: epoch, RNG state, the job's
 fingerprint, array names) and ``arrays`` (.npz: parameters ``p0, p1, ...`` and optimiser arrays
