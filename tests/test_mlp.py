@@ -71,6 +71,12 @@ def valid_heads():
     return [(out, loss) for loss, outs in LOSS_OUTPUTS.items() for out in outs]
 
 
+def assert_backprop_matches_central_differences(net, X, Y):
+    _, analytic = Workspace(net, X.shape[0]).loss_and_gradients(X, Y)
+    for a, n in zip(analytic, numerical_gradients(net, X, Y), strict=True):
+        np.testing.assert_allclose(a, n, rtol=1e-5, atol=1e-8)
+
+
 def numerical_gradients(net, X, Y, eps=1e-6):
     ws = Workspace(net, X.shape[0])
     grads = []
@@ -109,10 +115,7 @@ def test_backprop_matches_central_differences(hidden, head):
         Y = one_hot(rng.integers(0, 3, 6), 3, dtype=np.float64)
     else:
         Y = rng.uniform(0.05, 0.95, size=(6, 3))
-    _, analytic = Workspace(net, 6).loss_and_gradients(X, Y)
-    numeric = numerical_gradients(net, X, Y)
-    for a, n in zip(analytic, numeric, strict=True):
-        np.testing.assert_allclose(a, n, rtol=1e-5, atol=1e-8)
+    assert_backprop_matches_central_differences(net, X, Y)
 
 
 def test_gradient_check_also_holds_for_a_single_binary_output():
@@ -127,9 +130,7 @@ def test_gradient_check_also_holds_for_a_single_binary_output():
     )
     X = rng.normal(size=(5, 3))
     Y = rng.integers(0, 2, size=(5, 1)).astype(np.float64)
-    _, analytic = Workspace(net, 5).loss_and_gradients(X, Y)
-    for a, n in zip(analytic, numerical_gradients(net, X, Y), strict=True):
-        np.testing.assert_allclose(a, n, rtol=1e-5, atol=1e-8)
+    assert_backprop_matches_central_differences(net, X, Y)
 
 
 def test_float32_network_stays_float32_through_training():
