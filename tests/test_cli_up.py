@@ -13,8 +13,6 @@ import pytest
 
 from shared.redis_server import free_port
 
-pytestmark = pytest.mark.slow
-
 
 def listening(port: int) -> bool:
     with socket.socket() as sock:
@@ -37,6 +35,7 @@ def ports_in(output: str) -> list[int]:
     return [int(redis_port.group(1))]
 
 
+@pytest.mark.slow
 def test_up_once_trains_serves_and_classifies_then_stops_everything(mnist_dir):
     command, grpc_port, metrics_port = up_command(mnist_dir, "--once")
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
@@ -49,6 +48,7 @@ def test_up_once_trains_serves_and_classifies_then_stops_everything(mnist_dir):
         assert not listening(port), f"port {port} still open after mnistctl up exited"
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process_it_started(mnist_dir):
     command, grpc_port, metrics_port = up_command(mnist_dir)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -73,3 +73,13 @@ def test_ctrl_c_stops_every_process_it_started(mnist_dir):
     assert "stopping" in output
     for port in [grpc_port, metrics_port, *ports_in(output)]:
         assert not listening(port), f"port {port} still open after Ctrl-C"
+
+
+def test_up_without_mnist_says_how_to_point_at_it(tmp_path, monkeypatch, capsys):
+    from shared.cli import main
+
+    monkeypatch.delenv("MNIST_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["up", "--data", str(tmp_path / "nowhere"), "--once"]) == 2
+    err = capsys.readouterr().err
+    assert "MNIST_DIR" in err and "--download" in err

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,8 +23,9 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import defaults
+from shared.dataset import Dataset
 from shared.digits_client import DigitsClient
-from shared.mnist import default_cache_dir, load_mnist
+from shared.mnist import load_mnist
 from shared.presets import PRESETS
 from shared.redis_server import RedisServer
 
@@ -55,14 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def mnist_folder(args: argparse.Namespace) -> Path:
-    """The folder the trainer should read MNIST from; checks the files are there first."""
-    load_mnist(args.data, download=args.download)  # raises MnistNotFound with the fix
-    if args.data:
-        return Path(args.data)
-    if os.environ.get("MNIST_DIR"):
-        return Path(os.environ["MNIST_DIR"])
-    return default_cache_dir()
+def trainer_data_flags(args: argparse.Namespace) -> list[str]:
+    """The trainer finds MNIST as this command did: same --data, same $MNIST_DIR, same cache."""
+    return (["--data", args.data] if args.data else []) + (["--download"] if args.download else [])
 
 
 class Stack:
@@ -136,9 +131,8 @@ def wait_until_serving(address: str, stack: Stack, timeout: float) -> None:
                         channel_ready.result(timeout=min(remaining, 1.0))
 
 
-def show_predictions(address: str, data_dir: Path, out) -> float:
+def show_predictions(address: str, test: Dataset, out) -> float:
     """Classify the first test digits over gRPC and print each answer; returns the accuracy."""
-    _, test = load_mnist(data_dir)
     images = test.features[:SHOW_DIGITS]
     truth = test.labels[:SHOW_DIGITS]
     with DigitsClient(address) as client:
@@ -161,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = sys.stdout
     try:
-        data_dir = mnist_folder(args)
+        _, test = load_mnist(args.data, download=args.download)  # says how to fix a miss
     except ValueError as exc:
         print(f"mnistctl up: {exc}", file=sys.stderr)
         return 2
@@ -174,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             stack.redis = RedisServer(data_dir=log_dir).start()
             url = stack.redis.url
         print(f"redis      {url}  (logs in {log_dir})", file=out)
-        stack.spawn("trainer", "trainer_service", "--redis-url", url, "--data", str(data_dir))
+        stack.spawn("trainer", "trainer_service", "--redis-url", url, *trainer_data_flags(args))
         address = f"localhost:{args.grpc_port}"
         stack.spawn(
             "inference",
@@ -206,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 wait_until_serving(address, stack, timeout=3600)
                 print("first snapshot served; classifying test digits over gRPC:", file=out)
-                show_predictions(address, data_dir, out)
+                show_predictions(address, test, out)
                 served.set()
 
         threading.Thread(target=classify_once_served, daemon=True).start()
@@ -219,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
             print("mnistctl up: the inference service never reported SERVING", file=sys.stderr)
             return 1
         print("after training:", file=out)
-        show_predictions(address, data_dir, out)
+        show_predictions(address, test, out)
         if args.once:
             return 0
         print(f"serving on {address}; Ctrl-C stops everything", file=out)
