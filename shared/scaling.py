@@ -31,11 +31,17 @@ class InputScaling:
 
     def apply(self, raw: np.ndarray, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """Return ``offset + scale * raw`` as a new array of ``dtype``."""
-        out = np.array(raw, dtype=dtype)  # one new array, scaled in place
-        out *= dtype_scalar(self.scale, dtype)
-        if self.offset:
-            out += dtype_scalar(self.offset, dtype)
+        out = np.empty(np.shape(raw), dtype=dtype)
+        self.apply_into(raw, out)
         return out
+
+    def apply_into(self, raw: np.ndarray, out: np.ndarray) -> None:
+        """Write ``offset + scale * raw`` into ``out``, computed in ``out``'s dtype."""
+        # Python floats become out's dtype (NEP 50), with no scalar conversion per call: this
+        # runs once per training example in per-sample SGD.
+        np.multiply(raw, self.scale, out=out, dtype=out.dtype)
+        if self.offset:
+            out += self.offset
 
     def as_dict(self) -> dict[str, float]:
         return {"offset": float(self.offset), "scale": float(self.scale)}

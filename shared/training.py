@@ -12,7 +12,7 @@ from shared.dataset import Dataset
 from shared.mlp import MLP, Workspace, loss_value, one_hot
 from shared.optim import OPTIMISERS, SCHEDULES, learning_rate, make_optimiser
 from shared.per_sample import SparseInputSGD
-from shared.scaling import InputScaling, dtype_scalar
+from shared.scaling import InputScaling
 
 
 @dataclass(frozen=True)
@@ -216,11 +216,10 @@ class ScaledInputs:
 
     def __init__(self, raw: np.ndarray, scaling: InputScaling, dtype: np.dtype, capacity: int):
         self.raw = raw
+        self.scaling = scaling
         self.pixels = raw.dtype == np.uint8
         if self.pixels:
             self.buffer = np.empty((capacity, raw.shape[1]), dtype=np.uint8)
-            self.scale = dtype_scalar(scaling.scale, dtype)
-            self.offset = dtype_scalar(scaling.offset, dtype)
         else:
             self.scaled = scaling.apply(raw, dtype)
 
@@ -229,9 +228,7 @@ class ScaledInputs:
         if not self.pixels:
             out[...] = self.scaled[i]
             return
-        np.multiply(self.raw[i], self.scale, out=out)
-        if self.offset:
-            out += self.offset
+        self.scaling.apply_into(self.raw[i], out)
 
     def gather(self, idx: np.ndarray, out: np.ndarray) -> None:
         """Write the scaled rows ``idx`` into ``out`` (``len(idx)`` rows)."""
@@ -240,9 +237,7 @@ class ScaledInputs:
             return
         rows = self.buffer[: len(idx)]
         np.take(self.raw, idx, axis=0, out=rows)
-        np.multiply(rows, self.scale, out=out)
-        if self.offset:
-            out += self.offset
+        self.scaling.apply_into(rows, out)
 
 
 def fit(
