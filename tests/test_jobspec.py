@@ -7,22 +7,11 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from trainer_support import TOY_JOB as TOY
 
 from shared import defaults
 from shared.jobspec import JOB_FIELDS, JobSpecError, check_job_id, parse_job, parse_job_json
 from shared.presets import PRESETS
-
-TOY = {
-    "model": "toy",
-    "dataset": {"features": [[-2, -1], [25, 6], [17, 4], [-15, -6]], "labels": [1, 0, 0, 1]},
-    "sizes": [2, 2, 1],
-    "activations": ["sigmoid", "sigmoid"],
-    "loss": "mse",
-    "optimiser": "sgd",
-    "lr": 0.1,
-    "batch_size": 1,
-    "epochs": 50,
-}
 
 
 def test_preset_is_a_base_that_explicit_fields_override():
