@@ -15,10 +15,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-Forward = Callable[[np.ndarray], np.ndarray]
+# Rows in, one result per row out: an array or a list, anything that slices by row.
+Forward = Callable[[np.ndarray], Any]
 
 
 class _Pending:
@@ -26,7 +28,7 @@ class _Pending:
 
     def __init__(self, rows: np.ndarray) -> None:
         self.rows = rows
-        self.result: np.ndarray | None = None
+        self.result: Any = None
         self.error: BaseException | None = None
         self.lead = False  # set instead of a result when this waiter must run the next pass
         self.ready = threading.Event()
@@ -61,7 +63,7 @@ class Batcher:
     def enabled(self) -> bool:
         return self.max_rows > 1
 
-    def __call__(self, rows: np.ndarray) -> np.ndarray:
+    def __call__(self, rows: np.ndarray) -> Any:
         """``forward(rows)``, possibly computed together with other callers' rows."""
         if not self.enabled or len(rows) >= self.rows_alone:
             self.on_pass(len(rows))

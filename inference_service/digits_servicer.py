@@ -16,7 +16,8 @@ VersionStatus = digits_pb2.VersionStatus
 
 
 def decode_images(images, model: MLP) -> np.ndarray:
-    """The model's input rows ``(n, 784)`` for a request's images, in order."""
+    """A request's images as rows ``(n, 784)``, in order: uint8 pixels when every image is raw
+    pixels (the common case, which the server feeds to the network unscaled), else scaled."""
     if not images:
         raise invalid_argument("images is empty: send at least one image")
     kinds = [image.WhichOneof("data") for image in images]
@@ -25,8 +26,7 @@ def decode_images(images, model: MLP) -> np.ndarray:
         if len(data) != len(images) * inputs.PIXELS:
             for i, image in enumerate(images):
                 inputs.pixels_from_bytes(image.pixels, f"images[{i}].pixels")
-        pixels = np.frombuffer(data, dtype=np.uint8).reshape(len(images), inputs.PIXELS)
-        return inputs.scale_pixels(pixels, model)
+        return np.frombuffer(data, dtype=np.uint8).reshape(len(images), inputs.PIXELS)
     rows = np.empty((len(images), inputs.PIXELS), dtype=model.dtype)
     for i, (image, kind) in enumerate(zip(images, kinds, strict=True)):
         what = f"images[{i}].{kind}"
@@ -46,12 +46,11 @@ def decode_images(images, model: MLP) -> np.ndarray:
     return rows
 
 
-def classify_response(loaded: LoadedVersion, probabilities: np.ndarray):
+def classify_response(loaded: LoadedVersion, probabilities: list[list[float]]):
     response = digits_pb2.ClassifyResponse(model_name=loaded.name, model_version=loaded.version)
     add = response.predictions.add  # faster than building Prediction objects and a list
-    labels = probabilities.argmax(axis=1).tolist()
-    for label, row in zip(labels, probabilities.tolist(), strict=True):
-        add(label=label, probabilities=row)
+    for row in probabilities:
+        add(label=row.index(max(row)), probabilities=row)  # the first of equal maxima, as argmax
     return response
 
 

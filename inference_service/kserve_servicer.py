@@ -33,7 +33,7 @@ ROW_SHAPES = ([inputs.PIXELS], [inputs.SIDE, inputs.SIDE])
 
 
 def decode_input(request, loaded: LoadedVersion) -> np.ndarray:
-    """The model's input rows for a ModelInferRequest, refusing anything malformed."""
+    """A ModelInferRequest's rows: uint8 pixels or scaled floats; anything malformed refused."""
     if len(request.inputs) != 1:
         raise invalid_argument(
             f"the model takes exactly one input tensor, got {len(request.inputs)}"
@@ -83,7 +83,7 @@ def decode_input(request, loaded: LoadedVersion) -> np.ndarray:
             values = np.array(typed, dtype=np.float32)
     rows = values.reshape(shape[0], inputs.PIXELS)
     if tensor.datatype == "UINT8":
-        return inputs.scale_pixels(rows, loaded.model)
+        return rows
     return inputs.check_scaled(rows, loaded.model, f"input {tensor.name!r}")
 
 
@@ -95,10 +95,11 @@ def requested_outputs(request) -> tuple[str, ...]:
     return names
 
 
-def infer_response(request, loaded: LoadedVersion, names, probabilities: np.ndarray):
+def infer_response(request, loaded: LoadedVersion, names, rows: list[list[float]]):
+    probabilities = np.array(rows, dtype="<f4")
     n, classes = probabilities.shape
     arrays = {
-        "probabilities": ("FP32", [n, classes], probabilities.astype("<f4", copy=False)),
+        "probabilities": ("FP32", [n, classes], probabilities),
         "label": ("INT64", [n], probabilities.argmax(axis=1).astype("<i8")),
     }
     response = pb.ModelInferResponse(

@@ -9,6 +9,7 @@ the weights under a running request and every answer can name the version that p
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -22,8 +23,9 @@ import redis
 from inference_service import metrics
 from inference_service.batching import Batcher
 from inference_service.errors import data_loss, invalid_argument, not_found, unavailable
+from inference_service.serving_network import Rows, ServingNetwork
 from shared import defaults
-from shared.mlp import MLP, activate
+from shared.mlp import MLP
 from shared.registry import Registry, UnknownModel, UnknownVersion
 from shared.snapshot import SnapshotError
 
@@ -37,20 +39,6 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 def version_number(text: str) -> int | None:
     """``text`` as a version number if it is one (ASCII digits only: "²".isdigit() is True)."""
     return int(text) if _VERSION_NUMBER.fullmatch(text) else None
-
-
-def forward(model: MLP, rows: np.ndarray) -> np.ndarray:
-    """The network's outputs for already-scaled ``rows (n, sizes[0])`` of the model's dtype.
-
-    The same operations as ``Workspace.forward_filled`` without dropout, allocating only the
-    activations (a Workspace would also allocate gradient buffers, per request).
-    """
-    out = rows
-    for W, b, activation in zip(model.weights, model.biases, model.activations, strict=True):
-        out = out @ W
-        out += b
-        activate(activation, out)
-    return out
 
 
 @dataclass(frozen=True)
@@ -68,7 +56,12 @@ class LoadedVersion:
     version: int
     model: MLP
     manifest: dict
-    infer: Callable[[np.ndarray], np.ndarray]  # scaled rows -> outputs, batched
+    infer_pixels: Callable[[np.ndarray], Rows]  # uint8 pixels (n, 784) -> output rows, batched
+    infer_scaled: Callable[[np.ndarray], Rows]  # rows scaled as the model expects -> output rows
+
+    def infer(self, rows: np.ndarray) -> Rows:
+        """Output rows for uint8 ``rows`` (raw pixels) or float rows (already scaled)."""
+        return self.infer_pixels(rows) if rows.dtype == np.uint8 else self.infer_scaled(rows)
 
 
 @dataclass
@@ -225,9 +218,11 @@ class ModelStore:
         try:
             snapshot = self.registry.load(served.name, version)
             model = snapshot.model
-            warm = forward(model, np.zeros((1, model.sizes[0]), dtype=model.dtype))
-            if warm.shape != (1, model.sizes[-1]) or not np.isfinite(warm).all():
-                raise SnapshotError(f"warm-up forward pass gave {warm.tolist()}")
+            network = ServingNetwork(model)
+            blank = np.zeros((1, model.sizes[0]), dtype=np.uint8)
+            for warm in (network.forward_pixels(blank), network.forward_scaled(blank)):
+                if len(warm[0]) != model.sizes[-1] or not all(map(math.isfinite, warm[0])):
+                    raise SnapshotError(f"warm-up forward pass gave {warm}")
         except SnapshotError as exc:
             served.rejected[version] = str(exc)
             metrics.RELOAD_FAILURES.labels(served.name).inc()
@@ -238,20 +233,23 @@ class ModelStore:
             raise
         finally:
             served.loading.discard(version)
-        batcher = Batcher(
-            lambda rows: forward(model, rows),
-            max_rows=self.batching.max_rows,
-            rows_alone=self.batching.rows_alone,
-            max_delay_seconds=self.batching.max_delay_seconds,
-            on_pass=metrics.BATCH_ROWS.observe,
-        )
+        batchers = [
+            Batcher(
+                forward,
+                max_rows=self.batching.max_rows,
+                rows_alone=self.batching.rows_alone,
+                max_delay_seconds=self.batching.max_delay_seconds,
+                on_pass=metrics.BATCH_ROWS.observe,
+            )
+            for forward in (network.forward_pixels, network.forward_scaled)
+        ]
         elapsed = time.perf_counter() - start
         metrics.LOAD_SECONDS.labels(served.name).observe(elapsed)
         log.info(
             "loaded version",
             extra={"model": served.name, "version": version, "seconds": round(elapsed, 4)},
         )
-        return LoadedVersion(served.name, version, model, dict(snapshot.manifest), batcher)
+        return LoadedVersion(served.name, version, model, dict(snapshot.manifest), *batchers)
 
     def swap_model(self, served: ServedModel, loaded: LoadedVersion) -> None:
         """Make ``loaded`` the serving version in one assignment; the old one goes to standby."""
