@@ -313,15 +313,26 @@ class Workspace:
         return self.forward_filled(n)
 
     def forward_filled(
-        self, n: int, dropout: float = 0.0, rng: np.random.Generator | None = None
+        self,
+        n: int,
+        dropout: float = 0.0,
+        rng: np.random.Generator | None = None,
+        columns: int | None = None,
     ) -> np.ndarray:
-        """Forward pass of the ``n`` rows already in ``A[0]``; inverted dropout on hidden layers."""
+        """Forward pass of the ``n`` rows already in ``A[0]``; inverted dropout on hidden layers.
+
+        With ``columns``, inputs beyond the first ``columns`` are promised to be zero in these
+        rows, and the first layer's product skips them (they would add exact zeros).
+        """
         m = self.model
         last = len(m.weights) - 1
         self.dropout_active = dropout > 0
         for layer, (W, b) in enumerate(zip(m.weights, m.biases, strict=True)):
             Z = self.A[layer + 1][:n]
-            np.matmul(self.A[layer][:n], W, out=Z)
+            if layer == 0 and columns is not None:
+                np.matmul(self.A[0][:n, :columns], W[:columns], out=Z)
+            else:
+                np.matmul(self.A[layer][:n], W, out=Z)
             Z += b
             activate(m.activations[layer], Z)
             if dropout > 0 and layer < last:
@@ -334,11 +345,13 @@ class Workspace:
                 Z *= mask
         return self.A[-1][:n]
 
-    def backward(self, Y: np.ndarray, n: int, scale: float) -> None:
+    def backward(self, Y: np.ndarray, n: int, scale: float, columns: int | None = None) -> None:
         """Gradients of ``scale`` * loss for the last forward pass into ``grad_W``/``grad_b``.
 
         ``scale`` multiplies the output delta once, so 1/n (the batch mean) and, for plain SGD,
         the learning rate cost one pass over ``(n, outputs)`` instead of one over every weight.
+        ``columns`` is the forward pass's promise: the first layer's gradient rows beyond it are
+        zero without a product.
         """
         m = self.model
         L = len(m.weights)
@@ -355,7 +368,11 @@ class Workspace:
         ones = self.ones[:, :n]
         for layer in range(L - 1, -1, -1):
             delta = self.delta[layer][:n]
-            np.matmul(self.A[layer][:n].T, delta, out=self.grad_W[layer])
+            if layer == 0 and columns is not None:
+                np.matmul(self.A[0][:n, :columns].T, delta, out=self.grad_W[0][:columns])
+                self.grad_W[0][columns:] = 0
+            else:
+                np.matmul(self.A[layer][:n].T, delta, out=self.grad_W[layer])
             np.matmul(ones, delta, out=self.grad_b[layer][np.newaxis, :])
             if layer > 0:
                 below = self.delta[layer - 1][:n]

@@ -61,6 +61,10 @@ class SGD:
     def state_arrays(self) -> dict[str, np.ndarray]:
         return {f"velocity_{i}": v for i, v in enumerate(self.velocity)}
 
+    def param_state(self, i: int) -> list[np.ndarray]:
+        """The state arrays shaped like parameter ``i`` (to reorder them along with it)."""
+        return [self.velocity[i]] if self.velocity else []
+
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         for i, v in enumerate(self.velocity):
             v[...] = arrays[f"velocity_{i}"]
@@ -109,6 +113,10 @@ class Adam:
             np.divide(m, tmp, out=tmp)
             tmp *= dtype_scalar(step_size, dt)
             p -= tmp
+
+    def param_state(self, i: int) -> list[np.ndarray]:
+        """The state arrays shaped like parameter ``i`` (to reorder them along with it)."""
+        return [self.m[i], self.v[i]]
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         arrays = {f"m_{i}": m for i, m in enumerate(self.m)}

@@ -12,7 +12,14 @@ from shared.dataset import Dataset
 from shared.mlp import MLP
 from shared.per_sample import SparseInputSGD
 from shared.scaling import InputScaling
-from shared.training import TrainConfig, TrainingCallbacks, evaluate, fit, training_rngs
+from shared.training import (
+    ActiveColumns,
+    TrainConfig,
+    TrainingCallbacks,
+    evaluate,
+    fit,
+    training_rngs,
+)
 
 
 def blobs(n=300, seed=0, classes=3, width=784):
@@ -257,3 +264,52 @@ def test_augmentation_fills_with_the_blank_value_and_keeps_dtype():
     assert batch.dtype == np.float32
     assert batch.min() >= 0.01 - 1e-6 and batch.max() <= 0.5 + 1e-6
     assert np.isclose(batch, 0.01, atol=1e-3).any()  # something came from outside the frame
+
+
+def centred(n=400, seed=1, classes=3, box=12):
+    """Digit-like images: a blank frame and a ``box`` x ``box`` centre, lit by class."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    images = np.zeros((n, 28, 28), dtype=np.uint8)
+    low = (28 - box) // 2
+    for i, label in enumerate(labels):
+        rows = low + rng.integers(0, box, size=20)
+        cols = low + (rng.integers(0, box // classes, size=20) + label * (box // classes))
+        images[i, rows, cols] = rng.integers(100, 256, size=20)
+    return Dataset(images.reshape(n, 784), labels.astype(np.uint8))
+
+
+class StopAfter(TrainingCallbacks):
+    def __init__(self, batches: int) -> None:
+        self.batches, self.seen = batches, 0
+
+    def on_batch(self, progress) -> None:
+        self.seen += 1
+
+    def should_stop(self) -> bool:
+        return self.seen >= self.batches
+
+
+@pytest.mark.parametrize(
+    "optimiser,weight_decay", [("sgd", 0.0), ("momentum", 1e-3), ("nesterov", 0.0), ("adam", 0.0)]
+)
+@pytest.mark.parametrize("stop_after", [None, 3])
+def test_skipping_blank_pixel_columns_trains_as_the_dense_products_do(
+    optimiser, weight_decay, stop_after
+):
+    pixels = centred()
+    ends = ActiveColumns(pixels.features).ends
+    assert ends.max() <= 144 < 784  # the pruned path really prunes on this data
+    # Float features of the same values take the dense path.
+    dense = Dataset(pixels.features.astype(np.float32), pixels.labels)
+    config = TrainConfig(
+        epochs=2, batch_size=32, optimiser=optimiser, lr=0.05, weight_decay=weight_decay
+    )
+    trained = []
+    for data in (pixels, dense):
+        net = model(sizes=(784, 24, 3))
+        callbacks = StopAfter(stop_after) if stop_after else None
+        fit(net, data, config, callbacks=callbacks)
+        trained.append(net.parameters())
+    for got, want in zip(*trained, strict=True):  # weights back in pixel order, every time
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
