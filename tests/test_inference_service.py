@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import queue
 
 import grpc
 import numpy as np
@@ -176,6 +177,38 @@ def test_reflection_lists_the_services(redis_client):
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     } <= names
+
+
+def test_open_streams_never_take_the_request_threads(redis_client, registry):
+    """Health Watch and reflection streams last as long as their clients want: with several
+    held open on a server that has one request thread, Classify still answers."""
+    version = publish(registry, tiny_model(5))
+    with serving(redis_client, workers=1) as s:
+        wait_for(s.store.ready, what="a version loaded")
+        health = health_pb2_grpc.HealthStub(s.channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(3)]
+        hold = queue.Queue()
+
+        def reflection_requests():
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+            hold.get()  # keeps the stream open until the test lets go
+
+        reflections = reflection_pb2_grpc.ServerReflectionStub(s.channel).ServerReflectionInfo(
+            reflection_requests(), timeout=30
+        )
+        try:
+            for updates in watches:  # each answered: each stream is running on the server
+                assert next(updates).status == health_pb2.HealthCheckResponse.SERVING
+            assert next(reflections).list_services_response.service
+            image = digits_pb2.Image(pixels=digit_pixels(1).tobytes())
+            answer = s.digits.Classify(
+                digits_pb2.ClassifyRequest(model_name=MODEL, images=[image]), timeout=5
+            )
+            assert answer.model_version == version
+        finally:
+            hold.put(None)
+            for stream in (*watches, reflections):
+                stream.cancel()
 
 
 @pytest.mark.parametrize("kind", ["bad_hash", "wrong_shape", "nan"])
