@@ -1,6 +1,6 @@
 """Load-test the inference service on loopback against a bare grpcio echo server.
 
-    python tests/benchmarks/bench_serve.py [--json] [--rounds 6] [--seconds 0.5]
+    python tests/benchmarks/bench_serve.py [--json] [--rounds 6] [--seconds 0.5] [--workers 2 4]
 
 Starts a real redis-server, publishes a 784-128-64-10 network and a 784-1024-1024-10 one, and
 runs ``python -m inference_service`` with its defaults (batching off) and with ``--batching``,
@@ -10,7 +10,9 @@ outstanding for single images and batches of 64 and reports requests/s, images/s
 latency; rounds rotate between the servers so background load hits them alike. The wide network
 shows where batching pays (its forward pass costs as much as gRPC). Then new versions are
 published under load and the time to the first answer from each is measured. With ``--json``
-the last line is one JSON object holding the headline figures.
+the last line is one JSON object holding the headline figures. ``--workers`` takes several thread
+counts: the first is the headline's, and each other one adds a plain server and an echo server
+with that many threads to the single-image setups of the same run.
 """
 
 from __future__ import annotations
@@ -184,6 +186,15 @@ def start_inference(redis_url: str, port: int, workers: int, *flags: str) -> sub
     return subprocess.Popen(command, cwd=REPO, env={**os.environ, "REDIS_URL": redis_url})
 
 
+def start_echo(port: int, workers: int) -> subprocess.Popen:
+    command = [sys.executable, __file__, "--echo-server", str(port), "--workers", str(workers)]
+    return subprocess.Popen(command)
+
+
+def pick(channels: dict[str, grpc.Channel], names: tuple[str, ...]) -> dict[str, grpc.Channel]:
+    return {name: channels[name] for name in names}
+
+
 def measure(
     channels: dict[str, grpc.Channel],
     model: str,
@@ -199,7 +210,7 @@ def measure(
     for round_ in range(args.rounds):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            if name == "echo":
+            if name.startswith("echo"):
                 call, body = channels[name].unary_unary(ECHO_METHOD), payload
             else:
                 call, body = classify_call(channels[name]), request
@@ -242,14 +253,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0.5, help="measured time per round")
     parser.add_argument("--rounds", type=int, default=6, help="rounds per setup, interleaved")
     parser.add_argument(
-        "--workers", type=int, default=defaults.SERVER_WORKERS, help="server threads (both servers)"
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[defaults.SERVER_WORKERS],
+        help="server threads (the same for both servers); more counts compare them in one run",
     )
     parser.add_argument("--publications", type=int, default=20)
     parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_server:
-        echo_server(args.echo_server, args.workers)
+        echo_server(args.echo_server, args.workers[0])
         return 0
+    workers, *other_workers = args.workers
 
     processes: list[subprocess.Popen] = []
     results: dict[str, dict] = {}
@@ -260,26 +276,27 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ports = {name: free_port() for name in ("classify", "classify_batched", "echo")}
             processes += [
-                start_inference(redis_server.url, ports["classify"], args.workers),
-                start_inference(
-                    redis_server.url, ports["classify_batched"], args.workers, "--batching"
-                ),
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--echo-server",
-                        str(ports["echo"]),
-                        "--workers",
-                        str(args.workers),
-                    ]
-                ),
+                start_inference(redis_server.url, ports["classify"], workers),
+                start_inference(redis_server.url, ports["classify_batched"], workers, "--batching"),
+                start_echo(ports["echo"], workers),
             ]
+            for count in other_workers:
+                ports[f"classify_w{count}"] = free_port()
+                ports[f"echo_w{count}"] = free_port()
+                processes += [
+                    start_inference(redis_server.url, ports[f"classify_w{count}"], count),
+                    start_echo(ports[f"echo_w{count}"], count),
+                ]
             channels = {
                 name: wait_until_listening(f"127.0.0.1:{port}") for name, port in ports.items()
             }
-            setups = [(MODEL, images, c, channels) for images in BATCHES for c in CONCURRENCY]
-            classify_only = {k: v for k, v in channels.items() if k != "echo"}
+            headline_servers = ("classify", "classify_batched", "echo")
+            setups = [
+                (MODEL, images, c, channels if images == 1 else pick(channels, headline_servers))
+                for images in BATCHES
+                for c in CONCURRENCY
+            ]
+            classify_only = pick(channels, ("classify", "classify_batched"))
             setups += [(WIDE, 1, c, classify_only) for c in CONCURRENCY[1:]]
             for model, images, concurrency, servers in setups:
                 figures_by_server = measure(servers, model, images, concurrency, args)
@@ -314,6 +331,20 @@ def main(argv: list[str] | None = None) -> int:
         "publish_to_serve_p50_ms": round(float(np.percentile(delays, 50)), 2),
         "publish_to_serve_p99_ms": round(float(np.percentile(delays, 99)), 2),
         "errors": sum(r["errors"] for r in results.values()),
+        "by_workers": {
+            count: {
+                "ratio_echo_c32": round(
+                    results[f"classify{tag}_b1_c32"]["rps"] / results[f"echo{tag}_b1_c32"]["rps"], 3
+                ),
+                "p99_ratio_c8": round(
+                    results[f"classify{tag}_b1_c8"]["p99_ms"]
+                    / results[f"echo{tag}_b1_c8"]["p99_ms"],
+                    3,
+                ),
+                "classify_rps_c32": results[f"classify{tag}_b1_c32"]["rps"],
+            }
+            for count, tag in [(workers, ""), *((c, f"_w{c}") for c in other_workers)]
+        },
         "runs": results,
     }
     print(f"publish->serve ms: {[round(d, 1) for d in delays]}")
