@@ -3,7 +3,8 @@
 Trains 784-128-64-10 (ReLU, softmax cross-entropy, plain SGD, float32) on MNIST for one epoch at
 batch sizes 64, 128 and 256, and in the same run does the same with PyTorch when a Python with
 torch is available (this one, or $TORCH_PYTHON, or /opt/torchvenv/bin/python), then prints seconds
-per epoch and ratios. Also: the FLOP bound (6 x samples x parameters / measured sgemm peak), one
+per epoch and ratios (against PyTorch with its default threads and with one thread, as our
+trainer runs). Also: the FLOP bound (6 x samples x parameters / measured sgemm peak), one
 epoch of the per-sample `seed000` preset, and peak memory of a whole `mnistctl train` run.
 
     python tests/benchmarks/bench_train.py [--data DIR] [--repeats 3] [--json]
@@ -107,13 +108,25 @@ def torch_epoch_seconds(data_dir: str, repeats: int) -> dict[str, float]:
 
 
 def torch_worker(data_dir: str, repeats: int) -> None:
-    """Time the same network, loss, optimiser and batches in PyTorch (this process has torch)."""
+    """Time the same network, loss, optimiser and batches in PyTorch (this process has torch).
+
+    First with PyTorch's default threads (``torch_b*``), then with one thread like our trainer
+    (``torch_t1_b*``), so both comparisons come from the same run.
+    """
     import torch
 
     train, _ = load_mnist(data_dir)
     X = torch.from_numpy(train.features.astype(np.float32) / 255.0)
     y = torch.from_numpy(train.labels.astype(np.int64))
     results = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+    for prefix, threads in (("torch", torch.get_num_threads()), ("torch_t1", 1)):
+        torch.set_num_threads(threads)
+        results.update(torch_epochs(torch, X, y, repeats, prefix))
+    print(json.dumps(results))
+
+
+def torch_epochs(torch, X, y, repeats: int, prefix: str) -> dict[str, float]:
+    results = {}
     for bs in BATCH_SIZES:
         best = float("inf")
         for _ in range(repeats):
@@ -136,8 +149,8 @@ def torch_worker(data_dir: str, repeats: int) -> None:
                 loss.backward()
                 opt.step()
             best = min(best, time.perf_counter() - start)
-        results[f"torch_b{bs}"] = best
-    print(json.dumps(results))
+        results[f"{prefix}_b{bs}"] = best
+    return results
 
 
 def seed000_epoch_seconds(train: Dataset) -> float:
@@ -201,7 +214,10 @@ def main() -> None:
     results["ratio_flop_bound_b256"] = results["ours_b256"] / flop_bound  # type: ignore[operator]
     if "torch_b128" in results:
         for bs in BATCH_SIZES:
-            results[f"ratio_torch_b{bs}"] = results[f"ours_b{bs}"] / results[f"torch_b{bs}"]  # type: ignore[operator]
+            for torch_run in ("torch", "torch_t1"):
+                results[f"ratio_{torch_run}_b{bs}"] = (
+                    results[f"ours_b{bs}"] / results[f"{torch_run}_b{bs}"]  # type: ignore[operator]
+                )
     else:
         results["ratio_torch_b128"] = None
     results["seed000_epoch_seconds"] = seed000_epoch_seconds(train)
@@ -215,14 +231,19 @@ def main() -> None:
     )
     print(
         f"{'batch':>6} {'ours 1 thread':>14} {'ours 2 threads':>15} {'torch':>8} {'ours/torch':>11}"
+        f" {'torch 1 thread':>15} {'ours/that':>10}"
     )
+
+    def shown(value, digits: int) -> str:
+        return "-" if value is None else format(value, f".{digits}f")
+
     for bs in BATCH_SIZES:
-        torch_s = results.get(f"torch_b{bs}")
-        ratio = results.get(f"ratio_torch_b{bs}")
         print(
             f"{bs:>6} {results[f'ours_b{bs}_t1']:>14.3f} {results[f'ours_b{bs}_t2']:>15.3f} "
-            f"{'-' if torch_s is None else format(torch_s, '.3f'):>8} "
-            f"{'-' if ratio is None else format(ratio, '.2f'):>11}"
+            f"{shown(results.get(f'torch_b{bs}'), 3):>8} "
+            f"{shown(results.get(f'ratio_torch_b{bs}'), 2):>11} "
+            f"{shown(results.get(f'torch_t1_b{bs}'), 3):>15} "
+            f"{shown(results.get(f'ratio_torch_t1_b{bs}'), 2):>10}"
         )
     print(f"ours at batch 256 / FLOP bound: {results['ratio_flop_bound_b256']:.2f}")
     print(f"seed000 per-sample epoch: {results['seed000_epoch_seconds']:.2f} s")
