@@ -13,6 +13,7 @@ from shared.mlp import (
     LOSS_OUTPUTS,
     MLP,
     Workspace,
+    activate,
     check_architecture,
     initial_weights,
     one_hot,
@@ -231,3 +232,23 @@ def test_softmax_outputs_are_probabilities_even_for_huge_inputs():
     out = net.forward(np.array([[1e4, -1e4], [0.0, 0.0]], dtype=np.float32))
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spread", [3.0, 60.0, 400.0, 5000.0])
+def test_softmax_equals_the_per_row_float64_reference_whatever_the_rows_scale(dtype, spread):
+    """Rows far apart in scale take the per-row path; close ones the batch-maximum path."""
+    rng = np.random.default_rng(int(spread))
+    logits = rng.normal(0.0, 1.0, (64, 10)) * rng.uniform(0.1, 1.0, (64, 1)) * spread
+    logits[0] -= spread  # one row well below the others
+    got = logits.astype(dtype)
+    exact = got.astype(np.float64)  # the reference starts from the same rounded logits
+    shifted = exact - exact.max(axis=1, keepdims=True)
+    want = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    activate("softmax", got)
+    assert np.isfinite(got).all()
+    # An absolute rounding error in exp's argument becomes the same relative error in its value;
+    # arguments reach the batch's whole spread before each row's own maximum is subtracted.
+    spread_seen = float(exact.max() - exact.min())
+    rtol = 4 * np.finfo(dtype).eps * max(1.0, spread_seen)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=np.finfo(dtype).tiny)
