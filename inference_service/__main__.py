@@ -1,5 +1,8 @@
 """``python -m inference_service``: serve published models over gRPC, following the registry.
 
+The first SIGTERM or SIGINT stops taking requests and lets running ones finish (for up to
+--grace-seconds); a second one exits at once.
+
 Flags override the environment (GRPC_PORT, METRICS_PORT, REDIS_URL), which overrides defaults.
 """
 
@@ -14,9 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 
 import redis
 
@@ -27,6 +28,7 @@ from inference_service.server import InferenceServer
 from inference_service.watcher import ModelWatcher
 from shared import defaults
 from shared.registry import Registry
+from shared.shutdown import ShutdownRequest, stop_on_signals
 from shared.snapshot import check_name
 
 log = logging.getLogger("inference_service")
@@ -96,9 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = ShutdownRequest()
+    stop_on_signals(stop, lambda name: log.info("stop requested", extra={"signal": name}))
 
     # Socket timeout above the watcher's blocking read, so a silent network fails it, not hangs.
     client = redis.Redis.from_url(

@@ -23,11 +23,12 @@ from shared.wire.inference import grpc_predict_v2_pb2 as pb
 from shared.wire.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[1]
+SERVING = health_pb2.HealthCheckResponse.SERVING
 ROWS = 3000  # with 1024-wide layers a request takes tens of milliseconds: it is in flight
 
 
-def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(redis_server, redis_client):
-    publish(Registry(redis_client), tiny_model(8, hidden=1024))
+def start_inference(redis_server, *flags: str) -> tuple[subprocess.Popen, int, int]:
+    """``python -m inference_service`` serving MODEL; the process and its gRPC and metrics ports."""
     grpc_port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [
@@ -40,20 +41,33 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(redis_server, red
             str(grpc_port),
             "--host",
             "127.0.0.1",
+            *flags,
         ],
         cwd=REPO,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "REDIS_URL": redis_server.url, "METRICS_PORT": str(metrics_port)},
     )
+    return process, grpc_port, metrics_port
+
+
+def follow_until(updates, status: int) -> None:
+    """Read a health Watch stream until it reports ``status``."""
+    for update in updates:
+        if update.status == status:
+            return
+    raise AssertionError(f"the Watch stream ended before status {status}")
+
+
+def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(redis_server, redis_client):
+    publish(Registry(redis_client), tiny_model(8, hidden=1024))
+    process, grpc_port, metrics_port = start_inference(redis_server)
     calls: list[tuple[float, float, grpc.StatusCode]] = []
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         health = health_pb2_grpc.HealthStub(channel)
         grpc.channel_ready_future(channel).result(timeout=20)
-        for update in health.Watch(health_pb2.HealthCheckRequest(), timeout=20):
-            if update.status == health_pb2.HealthCheckResponse.SERVING:
-                break
+        follow_until(health.Watch(health_pb2.HealthCheckRequest(), timeout=20), SERVING)
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         pixels = np.random.default_rng(0).integers(0, 256, (ROWS, 784), dtype=np.uint8)
         request = pb.ModelInferRequest(
@@ -106,3 +120,25 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_zero(redis_server, red
     assert drained, "no request was in flight at SIGTERM and finished after it"
     entries = [json.loads(line) for line in logs.splitlines() if line.strip()]
     assert {"started", "stopped"} <= {entry["msg"] for entry in entries}
+
+
+def test_a_second_signal_exits_without_waiting_out_the_grace(redis_server, redis_client):
+    publish(Registry(redis_client), tiny_model(8))
+    process, grpc_port, _ = start_inference(redis_server, "--grace-seconds", "600")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=20)
+            # An open Watch is an RPC in progress: after the first signal the server waits for
+            # it until the grace period ends, so only the second signal can end it sooner.
+            updates = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            follow_until(updates, SERVING)
+            process.send_signal(signal.SIGTERM)
+            follow_until(updates, health_pb2.HealthCheckResponse.NOT_SERVING)  # draining now
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=30) == 128 + signal.SIGINT
+    finally:
+        if process.poll() is None:
+            process.kill()
+        logs = process.communicate()[1]
+    messages = [json.loads(line) for line in logs.splitlines() if line.strip()]
+    assert [m.get("signal") for m in messages if m["msg"] == "stop requested"] == ["SIGTERM"]

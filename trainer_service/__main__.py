@@ -16,10 +16,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
 import logging
-import signal
 import sys
 
 from shared import defaults
+from shared.shutdown import stop_on_signals
 from trainer_service.queue import connect
 from trainer_service.worker import Worker, default_worker_id
 
@@ -75,16 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         progress_interval=args.progress_interval,
     )
 
-    def on_signal(signum: int, frame: object) -> None:
-        if worker.shutdown.is_set():
-            os._exit(128 + signum)  # second signal: leave now; the lease expires on its own
-        logging.getLogger("trainer_service").info(
-            "%s: stopping at the next batch and handing the job back", signal.Signals(signum).name
-        )
-        worker.shutdown.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(  # a second signal leaves at once; the job's lease then expires on its own
+        worker.shutdown,
+        lambda name: logging.getLogger("trainer_service").info(
+            "%s: stopping at the next batch and handing the job back", name
+        ),
+    )
     worker.run(max_jobs=args.max_jobs)
     return 0
 

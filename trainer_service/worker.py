@@ -25,6 +25,7 @@ from shared.jobspec import JobSpec, JobSpecError, parse_job_json
 from shared.mlp import MLP
 from shared.mnist import load_mnist
 from shared.registry import PublishFenced, Registry
+from shared.shutdown import ShutdownRequest
 from shared.snapshot import snapshot_manifest
 from shared.training import (
     BatchProgress,
@@ -97,7 +98,7 @@ class Worker:
         self.registry = Registry(client)
         self.progress_interval = progress_interval
         self.claim_block_seconds = claim_block_seconds
-        self.shutdown = threading.Event()  # set by the first SIGTERM/SIGINT
+        self.shutdown = ShutdownRequest()  # raised by the first SIGTERM/SIGINT
         self._mnist: tuple[Dataset, Dataset] | None = None
 
     # --- the loop ---
