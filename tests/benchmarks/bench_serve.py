@@ -6,8 +6,9 @@ Starts a real redis-server, publishes a 784-128-64-10 network and a 784-1024-102
 runs ``python -m inference_service`` with its defaults (batching off) and with ``--batching``,
 plus an echo server (generic handler, bytes in, the same bytes out: gRPC's own cost and nothing
 else), each in its own process. A closed-loop load generator keeps ``concurrency`` requests
-outstanding for single images and batches of 64 and reports requests/s, images/s and p50/p99
-latency; rounds rotate between the servers so background load hits them alike. The wide network
+outstanding for single images and batches of 64, sending every server the same serialized
+request, and reports requests/s, images/s, p50/p99 latency and the CPU time the server and the
+client spent per call; rounds rotate between the servers so background load hits them alike. The wide network
 shows where batching pays (its forward pass costs as much as gRPC). Then new versions are
 published under load and the time to the first answer from each is measured. With ``--json``
 the last line is one JSON object holding the headline figures. ``--workers`` takes several thread
@@ -44,6 +45,7 @@ MODEL = "bench"
 WIDE = "bench-wide"  # a network whose forward pass costs as much as gRPC: where batching pays
 SIZES = {MODEL: (784, 128, 64, 10), WIDE: (784, 1024, 1024, 10)}
 ECHO_METHOD = "/bench.Echo/Echo"
+CLASSIFY_METHOD = "/mnist.v1.Digits/Classify"
 CONCURRENCY = (1, 8, 32)
 BATCHES = (1, 64)
 WARMUP_SECONDS = 0.2
@@ -85,19 +87,25 @@ class ClosedLoop:
     def __init__(self, call, request, concurrency: int, seconds: float, on_answer=None) -> None:
         self.call, self.request, self.concurrency = call, request, concurrency
         self.on_answer = on_answer
+        self.last_answer = None
         self.lock = threading.Lock()
         self.latencies: list[float] = []
+        self.calls = 0  # answered or failed, warm-up included: what the CPU figures divide by
+        self.server_cpu = self.client_cpu = 0.0  # seconds over the whole loop, warm-up included
         self.errors = 0
         self.outstanding = concurrency
         self.done = threading.Event()
         self.start = time.perf_counter() + WARMUP_SECONDS
         self.end = self.start + seconds
 
-    def run(self) -> ClosedLoop:
+    def run(self, server_pid: int | None = None) -> ClosedLoop:
+        cpu_before = cpu_seconds(server_pid), time.process_time()
         for _ in range(self.concurrency):
             self._issue()
         if not self.done.wait(self.end - time.perf_counter() + CALL_TIMEOUT_SECONDS + 5):
             raise RuntimeError(f"{self.outstanding} calls never completed")
+        self.server_cpu = cpu_seconds(server_pid) - cpu_before[0]
+        self.client_cpu = time.process_time() - cpu_before[1]
         return self
 
     def stop(self) -> None:
@@ -110,6 +118,8 @@ class ClosedLoop:
 
     def _finished(self, future, sent: float) -> None:
         now = time.perf_counter()
+        with self.lock:
+            self.calls += 1
         try:
             answer = future.result()
         except Exception:  # an RpcError, a timeout: counted, and the loop goes on
@@ -117,8 +127,10 @@ class ClosedLoop:
                 self.errors += 1
             answer = None
         try:
-            if answer is not None and self.on_answer is not None:
-                self.on_answer(answer, now)
+            if answer is not None:
+                self.last_answer = answer
+                if self.on_answer is not None:
+                    self.on_answer(answer, now)
             if self.start <= now <= self.end:
                 with self.lock:
                     self.latencies.append(now - sent)
@@ -134,22 +146,33 @@ class ClosedLoop:
                 self.done.set()
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User plus system CPU time a process has used so far (0 without a pid)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def figures(loops: list[ClosedLoop], seconds: float, images: int) -> dict:
-    """Requests/s, images/s and latency percentiles pooled over the rounds of one setup."""
+    """Requests/s, images/s, latency percentiles and CPU per call, pooled over the rounds."""
     lat = np.concatenate([loop.latencies for loop in loops]) * 1000
     rps = len(lat) / (seconds * len(loops))
+    calls = sum(loop.calls for loop in loops)
     return {
         "rps": round(rps, 1),
         "images_per_s": round(rps * images, 1),
         "p50_ms": round(float(np.percentile(lat, 50)), 3),
         "p99_ms": round(float(np.percentile(lat, 99)), 3),
+        "server_cpu_us": round(sum(loop.server_cpu for loop in loops) / calls * 1e6, 1),
+        "client_cpu_us": round(sum(loop.client_cpu for loop in loops) / calls * 1e6, 1),
         "errors": sum(loop.errors for loop in loops),
     }
 
 
 def classify_call(channel: grpc.Channel):
     return channel.unary_unary(
-        "/mnist.v1.Digits/Classify",
+        CLASSIFY_METHOD,
         request_serializer=digits_pb2.ClassifyRequest.SerializeToString,
         response_deserializer=digits_pb2.ClassifyResponse.FromString,
     )
@@ -197,6 +220,7 @@ def pick(channels: dict[str, grpc.Channel], names: tuple[str, ...]) -> dict[str,
 
 def measure(
     channels: dict[str, grpc.Channel],
+    pids: dict[str, int],
     model: str,
     images: int,
     concurrency: int,
@@ -210,11 +234,19 @@ def measure(
     for round_ in range(args.rounds):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            if name.startswith("echo"):
-                call, body = channels[name].unary_unary(ECHO_METHOD), payload
-            else:
-                call, body = classify_call(channels[name]), request
-            pooled[name].append(ClosedLoop(call, body, concurrency, args.seconds).run())
+            # Both clients send the same bytes and leave the answer as bytes: the client's CPU
+            # (it shares the two cores) then costs both servers alike.
+            method = ECHO_METHOD if name.startswith("echo") else CLASSIFY_METHOD
+            loop = ClosedLoop(
+                channels[name].unary_unary(method), payload, concurrency, args.seconds
+            )
+            pooled[name].append(loop.run(pids[name]))
+            if not name.startswith("echo"):
+                answer = digits_pb2.ClassifyResponse.FromString(loop.last_answer)
+                if len(answer.predictions) != images:
+                    raise RuntimeError(
+                        f"{name}: {len(answer.predictions)} predictions, not {images}"
+                    )
     return {name: figures(loops, args.seconds, images) for name, loops in pooled.items()}
 
 
@@ -275,18 +307,22 @@ def main(argv: list[str] | None = None) -> int:
         publish(registry, 0, WIDE)
         try:
             ports = {name: free_port() for name in ("classify", "classify_batched", "echo")}
-            processes += [
-                start_inference(redis_server.url, ports["classify"], workers),
-                start_inference(redis_server.url, ports["classify_batched"], workers, "--batching"),
-                start_echo(ports["echo"], workers),
-            ]
+            started = {
+                "classify": start_inference(redis_server.url, ports["classify"], workers),
+                "classify_batched": start_inference(
+                    redis_server.url, ports["classify_batched"], workers, "--batching"
+                ),
+                "echo": start_echo(ports["echo"], workers),
+            }
             for count in other_workers:
                 ports[f"classify_w{count}"] = free_port()
                 ports[f"echo_w{count}"] = free_port()
-                processes += [
-                    start_inference(redis_server.url, ports[f"classify_w{count}"], count),
-                    start_echo(ports[f"echo_w{count}"], count),
-                ]
+                started[f"classify_w{count}"] = start_inference(
+                    redis_server.url, ports[f"classify_w{count}"], count
+                )
+                started[f"echo_w{count}"] = start_echo(ports[f"echo_w{count}"], count)
+            processes += started.values()
+            pids = {name: process.pid for name, process in started.items()}
             channels = {
                 name: wait_until_listening(f"127.0.0.1:{port}") for name, port in ports.items()
             }
@@ -299,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             classify_only = pick(channels, ("classify", "classify_batched"))
             setups += [(WIDE, 1, c, classify_only) for c in CONCURRENCY[1:]]
             for model, images, concurrency, servers in setups:
-                figures_by_server = measure(servers, model, images, concurrency, args)
+                figures_by_server = measure(servers, pids, model, images, concurrency, args)
                 for name, numbers in figures_by_server.items():
                     prefix = "wide_" if model == WIDE else ""
                     key = f"{prefix}{name}_b{images}_c{concurrency}"
