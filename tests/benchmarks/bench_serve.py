@@ -8,12 +8,12 @@ plus an echo server (generic handler, bytes in, the same bytes out: gRPC's own c
 else), each in its own process. A closed-loop load generator keeps ``concurrency`` requests
 outstanding for single images and batches of 64, sending every server the same serialized
 request, and reports requests/s, images/s, p50/p99 latency and the CPU time the server and the
-client spent per call; rounds rotate between the servers so background load hits them alike. The wide network
-shows where batching pays (its forward pass costs as much as gRPC). Then new versions are
-published under load and the time to the first answer from each is measured. With ``--json``
-the last line is one JSON object holding the headline figures. ``--workers`` takes several thread
-counts: the first is the headline's, and each other one adds a plain server and an echo server
-with that many threads to the single-image setups of the same run.
+client spent per call; rounds rotate between the servers so background load hits them alike.
+The wide network shows where batching pays (its forward pass costs as much as gRPC). Then new
+versions are published under load and the time to the first answer from each is measured. With
+``--json`` the last line is one JSON object holding the headline figures. ``--workers`` takes
+several thread counts: the first is the headline's, and each other one adds a plain server and
+an echo server with that many threads to the single-image setups of the same run.
 """
 
 from __future__ import annotations
