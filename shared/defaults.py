@@ -18,6 +18,9 @@ MAX_LAYER_WIDTH = 16_384  # keeps a job's weights well under the snapshot size c
 MAX_LAYERS = 16  # depth beyond this does not train well with plain MLPs anyway
 MAX_BATCH_SIZE = 65_536  # more than the dataset adds nothing and buffers grow with it
 JOB_EVENTS_MAXLEN = 10_000  # per-job progress stream is capped (approximate trim)
+# A finished job's status, events, checkpoint and cancel flag expire after this (0 keeps them):
+# long enough to look back over a week, short enough that Redis does not grow with every job.
+JOB_RETENTION_SECONDS = 7 * 24 * 3600.0
 RECONNECT_MAX_SECONDS = 10.0  # ceiling of the exponential backoff when Redis is down
 MAX_JOB_BYTES = 4 * 1024 * 1024  # a job is a description plus at most a toy data set
 MAX_LEARNING_RATE = 10.0  # anything larger diverges for every network this trains

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from trainer_support import TOY_JOB, WorkerProcess, dumps, tiny_job, write_tiny_mnist
 
+from shared import keys
 from shared.cli.jobs import progress_line
 from shared.redis_server import RedisServer
 from trainer_service.queue import job_status
@@ -20,9 +21,17 @@ from trainer_service.worker import Worker
 REPO = Path(__file__).resolve().parents[1]
 
 
-def mnistctl(redis_url: str, *args: str, stdin: str | None = None, env_url: bool = False):
+def mnistctl(
+    redis_url: str,
+    *args: str,
+    stdin: str | None = None,
+    env_url: bool = False,
+    env: dict[str, str] | None = None,
+):
     """Run ``mnistctl jobs ...``; the URL goes in $REDIS_URL or --redis-url."""
-    env = {**os.environ, "REDIS_URL": redis_url} if env_url else dict(os.environ)
+    env = {**os.environ, **(env or {})}
+    if env_url:
+        env["REDIS_URL"] = redis_url
     command = [sys.executable, "-m", "shared.cli", "jobs", *args]
     if not env_url:
         command += ["--redis-url", redis_url]
@@ -108,6 +117,13 @@ def test_cancel_list_show_dead_and_requeue(redis_server, redis_client):
     assert mnistctl(redis_server.url, "watch", "c1").returncode == 0
     unknown = mnistctl(redis_server.url, "show", "nope")
     assert unknown.returncode == 2 and "unknown job" in unknown.stderr
+
+
+def test_cancel_uses_the_workers_retention_setting(redis_server, redis_client):
+    mnistctl(redis_server.url, "submit", "-", "--job-id", "short", stdin=dumps(TOY_JOB))
+    retention = {"JOB_RETENTION_SECONDS": "120"}
+    assert mnistctl(redis_server.url, "cancel", "short", env=retention).returncode == 0
+    assert 110 <= redis_client.ttl(keys.job_status("short")) <= 120
 
 
 def test_dead_lists_poison_jobs_and_requeue_takes_them_back(redis_server, redis_client, tmp_path):

@@ -14,6 +14,7 @@ from trainer_service.queue import (
     cancel_job,
     dead_letters,
     job_status,
+    list_jobs,
     requeue_job,
     submit_job,
 )
@@ -177,3 +178,63 @@ def test_a_vanished_stream_and_group_are_recreated_not_fatal(redis_client):
     assert a.claim(0.05) is None
     submit_job(redis_client, dumps(TOY_JOB), "after")
     assert a.claim(0.5).job_id == "after"
+
+
+def ttls(client, job_id: str) -> dict[str, int]:
+    """Seconds to live of the job's keys (-1: kept forever, -2: absent)."""
+    names = {
+        "status": keys.job_status(job_id),
+        "events": keys.job_events(job_id),
+        "checkpoint": keys.job_checkpoint(job_id),
+        "cancel": keys.job_cancel(job_id),
+    }
+    return {name: client.ttl(key) for name, key in names.items()}
+
+
+def test_a_finished_job_expires_after_the_retention_time_and_a_requeue_keeps_it(redis_client):
+    submit_job(redis_client, dumps(TOY_JOB), "done")
+    a = queue(redis_client, "a", retention_seconds=3600)
+    delivery = a.claim(0.1)
+    redis_client.set(keys.job_checkpoint("done"), b"weights")  # as a run leaves one behind
+    assert ttls(redis_client, "done")["status"] == -1  # running: kept
+    assert a.finish(delivery, "failed", error="boom")
+    left = ttls(redis_client, "done")
+    assert all(3590 <= left[name] <= 3600 for name in ("status", "events", "checkpoint")), left
+    requeue_job(redis_client, "done")
+    left = ttls(redis_client, "done")
+    assert left["status"] == left["events"] == left["checkpoint"] == -1, left
+
+
+def test_cancelled_jobs_expire_whether_queued_or_running(redis_client):
+    submit_job(redis_client, dumps(TOY_JOB), "waiting")
+    assert cancel_job(redis_client, "waiting", retention_seconds=60) == "cancelled"
+    left = ttls(redis_client, "waiting")
+    assert 50 <= left["status"] <= 60 and 50 <= left["events"] <= 60 and 50 <= left["cancel"] <= 60
+    submit_job(redis_client, dumps(TOY_JOB), "busy")
+    a = queue(redis_client, "a", retention_seconds=60)
+    delivery = a.claim(0.1)
+    assert cancel_job(redis_client, "busy", retention_seconds=60) == "cancelling"
+    assert ttls(redis_client, "busy")["status"] == -1  # still running until its worker stops
+    assert a.finish(delivery, "cancelled")
+    left = ttls(redis_client, "busy")
+    assert 50 <= left["status"] <= 60 and 50 <= left["cancel"] <= 60, left
+
+
+def test_zero_retention_keeps_finished_jobs(redis_client):
+    submit_job(redis_client, dumps(TOY_JOB), "kept")
+    a = queue(redis_client, "a", retention_seconds=0)
+    assert a.finish(a.claim(0.1), "succeeded")
+    assert ttls(redis_client, "kept")["status"] == -1 and ttls(redis_client, "kept")["events"] == -1
+
+
+def test_listing_forgets_jobs_whose_status_expired(redis_client):
+    for i in range(5):
+        submit_job(redis_client, dumps(TOY_JOB), f"j{i}")
+    redis_client.delete(keys.job_status("j4"), keys.job_status("j2"))  # as if they expired
+    assert [job["job_id"] for job in list_jobs(redis_client, 2)] == ["j3", "j1"]
+    assert [job["job_id"] for job in list_jobs(redis_client)] == ["j3", "j1", "j0"]
+    assert sorted(m.decode() for m in redis_client.zrange(keys.JOBS_INDEX, 0, -1)) == [
+        "j0",
+        "j1",
+        "j3",
+    ]

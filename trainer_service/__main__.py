@@ -1,7 +1,8 @@
 """``python -m trainer_service``: flags and environment, connect to Redis, run the worker loop.
 
 Environment (flags win): REDIS_URL (redis:// or rediss://, password in the URL), MNIST_DIR,
-MNIST_DOWNLOAD=1, TRAINER_WORKER_ID, TRAINER_LEASE_SECONDS, TRAINER_MAX_DELIVERIES.
+MNIST_DOWNLOAD=1, TRAINER_WORKER_ID, TRAINER_LEASE_SECONDS, TRAINER_MAX_DELIVERIES,
+JOB_RETENTION_SECONDS.
 The first SIGTERM or SIGINT stops training at the next batch and hands the job back; a second
 one exits at once (the job is then reclaimed when its lease expires).
 """
@@ -51,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=int(env("TRAINER_MAX_DELIVERIES", defaults.MAX_DELIVERIES)),
     )
     parser.add_argument(
+        "--job-retention-seconds",
+        type=float,
+        default=float(env("JOB_RETENTION_SECONDS", defaults.JOB_RETENTION_SECONDS)),
+        help="how long a finished job's status and events stay in Redis (0: forever)",
+    )
+    parser.add_argument(
         "--progress-interval", type=float, default=defaults.PROGRESS_INTERVAL_SECONDS
     )
     parser.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs")
@@ -72,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         download=args.download,
         lease_seconds=args.lease_seconds,
         max_deliveries=args.max_deliveries,
+        retention_seconds=args.job_retention_seconds,
         progress_interval=args.progress_interval,
     )
 

@@ -70,6 +70,13 @@ local function state_event(events, state, err, maxlen)
              'error', err)
 end
 """
+_RETAIN = """
+local function retain(ttl_ms, ...)
+  if tonumber(ttl_ms) > 0 then
+    for _, key in ipairs({...}) do redis.call('PEXPIRE', key, ttl_ms) end
+  end
+end
+"""
 
 # KEYS: status, stream, index, events. ARGV: job_id, job, now, now_ms, model, maxlen.
 _SUBMIT = (
@@ -138,11 +145,13 @@ return 1
 """
 )
 
-# KEYS: lease, status, stream, events, checkpoint, dead. ARGV: token, worker, lease_ms, group,
-# entry_id, job_id, job, attempts, state, error, now, maxlen, fields (JSON object for the status).
+# KEYS: lease, status, stream, events, checkpoint, dead, cancel. ARGV: token, worker, lease_ms,
+# group, entry_id, job_id, job, attempts, state, error, now, maxlen, fields (JSON object for the
+# status), retention ms.
 _FINISH = (
     _OWNS
     + _STATE_EVENT
+    + _RETAIN
     + """
 if not owns() then return 0 end
 local state = ARGV[9]
@@ -161,6 +170,7 @@ for name, value in pairs(cjson.decode(ARGV[13])) do
   redis.call('HSET', KEYS[2], name, tostring(value))
 end
 state_event(KEYS[4], state, ARGV[10], ARGV[12])
+retain(ARGV[14], KEYS[2], KEYS[4], KEYS[5], KEYS[7])
 return 1
 """
 )
@@ -171,9 +181,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: status, cancel, events. ARGV: now, maxlen.
+# KEYS: status, cancel, events. ARGV: now, maxlen, retention ms.
 _CANCEL = (
     _STATE_EVENT
+    + _RETAIN
     + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return false end
@@ -183,9 +194,15 @@ redis.call('SET', KEYS[2], ARGV[1])
 if state == 'running' then return 'cancelling' end
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'updated_at', ARGV[1], 'finished_at', ARGV[1])
 state_event(KEYS[3], 'cancelled', '', ARGV[2])
+retain(ARGV[3], KEYS[1], KEYS[2], KEYS[3])
 return 'cancelled'
 """
 )
+
+
+def retention_ms(seconds: float) -> int:
+    """A retention time for the scripts: milliseconds, 0 (keep forever) for 0 or less."""
+    return max(int(seconds * 1000), 0)
 
 
 def utc_now() -> str:
@@ -254,20 +271,35 @@ def job_status(client: redis.Redis, job_id: str) -> dict[str, str] | None:
 
 
 def list_jobs(client: redis.Redis, count: int = 50) -> list[dict[str, str]]:
-    """Status of the ``count`` most recently submitted jobs, newest first."""
-    ids = [_text(i) for i in client.zrevrange(keys.JOBS_INDEX, 0, count - 1)]
-    pipe = client.pipeline(transaction=False)
-    for job_id in ids:
-        pipe.hgetall(keys.job_status(job_id))
-    return [
-        {_text(k): _text(v) for k, v in raw.items()}
-        for raw in pipe.execute()
-        if raw  # the index may outlive a deleted status hash
-    ]
+    """Status of the ``count`` most recently submitted jobs, newest first.
+
+    Index entries whose status hash is gone (expired after the retention time) are removed.
+    """
+    found: list[dict[str, str]] = []
+    start = 0
+    while len(found) < count:
+        ids = [_text(i) for i in client.zrevrange(keys.JOBS_INDEX, start, start + count - 1)]
+        if not ids:
+            break
+        pipe = client.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(keys.job_status(job_id))
+        statuses = pipe.execute()
+        gone = [job_id for job_id, raw in zip(ids, statuses, strict=True) if not raw]
+        if gone:
+            client.zrem(keys.JOBS_INDEX, *gone)
+        found += [{_text(k): _text(v) for k, v in raw.items()} for raw in statuses if raw]
+        start += len(ids) - len(gone)
+    return found[:count]
 
 
-def cancel_job(client: redis.Redis, job_id: str) -> str | None:
-    """Cancel a queued job now or ask its worker to stop; the resulting state (None if unknown)."""
+def cancel_job(
+    client: redis.Redis, job_id: str, *, retention_seconds: float = defaults.JOB_RETENTION_SECONDS
+) -> str | None:
+    """Cancel a queued job now or ask its worker to stop; the resulting state (None if unknown).
+
+    A job cancelled while queued is finished here, so its keys expire after ``retention_seconds``.
+    """
     state = client.eval(
         _CANCEL,
         3,
@@ -276,6 +308,7 @@ def cancel_job(client: redis.Redis, job_id: str) -> str | None:
         keys.job_events(job_id),
         utc_now(),
         defaults.JOB_EVENTS_MAXLEN,
+        retention_ms(retention_seconds),
     )
     return None if state is None else _text(state)
 
@@ -314,6 +347,8 @@ def requeue_job(client: redis.Redis, job_id: str) -> None:
         if dead_ids:
             pipe.xdel(keys.DEAD_LETTER_STREAM, *dead_ids)
         pipe.delete(keys.job_cancel(job_id))
+        for key in (status_key, keys.job_events(job_id), keys.job_checkpoint(job_id)):
+            pipe.persist(key)  # running again: kept until it finishes again
         now = utc_now()
         pipe.hset(
             status_key,
@@ -356,11 +391,13 @@ class JobQueue:
         *,
         lease_seconds: float = defaults.LEASE_SECONDS,
         max_deliveries: int = defaults.MAX_DELIVERIES,
+        retention_seconds: float = defaults.JOB_RETENTION_SECONDS,
     ) -> None:
         self.client = client
         self.worker = worker
         self.lease_ms = max(int(lease_seconds * 1000), 1)
         self.max_deliveries = max_deliveries
+        self.retention_ms = retention_ms(retention_seconds)
         self._reclaim_cursor = "0-0"
 
     def ensure_group(self) -> None:
@@ -564,7 +601,10 @@ class JobQueue:
     def finish(
         self, delivery: Delivery, state: str, *, error: str = "", fields: dict | None = None
     ) -> bool:
-        """Record a final state, ACK the entry and drop the lease; False if the lease was lost."""
+        """Record a final state, ACK the entry and drop the lease; False if the lease was lost.
+
+        The job's status, events, checkpoint and cancel flag expire after the retention time.
+        """
         assert state in TERMINAL_STATES, state
         return bool(
             self._fenced(
@@ -575,6 +615,7 @@ class JobQueue:
                     keys.job_events(delivery.job_id),
                     keys.job_checkpoint(delivery.job_id),
                     keys.DEAD_LETTER_STREAM,
+                    keys.job_cancel(delivery.job_id),
                 ],
                 [
                     keys.JOBS_GROUP,
@@ -587,6 +628,7 @@ class JobQueue:
                     utc_now(),
                     defaults.JOB_EVENTS_MAXLEN,
                     json.dumps(fields or {}),
+                    self.retention_ms,
                 ],
             )
         )

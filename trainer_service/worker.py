@@ -85,6 +85,7 @@ class Worker:
         download: bool = False,
         lease_seconds: float = defaults.LEASE_SECONDS,
         max_deliveries: int = defaults.MAX_DELIVERIES,
+        retention_seconds: float = defaults.JOB_RETENTION_SECONDS,
         progress_interval: float = defaults.PROGRESS_INTERVAL_SECONDS,
         claim_block_seconds: float = defaults.CLAIM_BLOCK_SECONDS,
     ) -> None:
@@ -93,7 +94,11 @@ class Worker:
         self.data_dir = data_dir
         self.download = download  # fetch missing MNIST files (hash-checked) into the cache
         self.queue = JobQueue(
-            client, worker_id, lease_seconds=lease_seconds, max_deliveries=max_deliveries
+            client,
+            worker_id,
+            lease_seconds=lease_seconds,
+            max_deliveries=max_deliveries,
+            retention_seconds=retention_seconds,
         )
         self.registry = Registry(client)
         self.progress_interval = progress_interval

@@ -171,7 +171,9 @@ def run_dead(args: argparse.Namespace) -> int:
 
 
 def run_cancel(args: argparse.Namespace) -> int:
-    state = cancel_job(_client(args), args.job_id)
+    # The same setting as the workers': a job cancelled while queued is finished by this call.
+    retention = float(os.environ.get("JOB_RETENTION_SECONDS", defaults.JOB_RETENTION_SECONDS))
+    state = cancel_job(_client(args), args.job_id, retention_seconds=retention)
     if state is None:
         raise LookupError(f"unknown job {args.job_id!r}")
     if args.json:
