@@ -9,6 +9,7 @@ from trainer_support import TOY_JOB, dumps, wait_until
 
 from shared import keys
 from trainer_service.queue import (
+    _FORGET,
     JobQueue,
     LeaseKeeper,
     cancel_job,
@@ -238,3 +239,13 @@ def test_listing_forgets_jobs_whose_status_expired(redis_client):
         "j1",
         "j3",
     ]
+
+
+def test_forgetting_index_entries_spares_a_job_submitted_again_meanwhile(redis_client):
+    # list_jobs saw no status for "again", but it was submitted anew before the clean-up ran.
+    submit_job(redis_client, dumps(TOY_JOB), "again")
+    redis_client.zadd(keys.JOBS_INDEX, {"expired": 1})
+    status_keys = [keys.job_status("again"), keys.job_status("expired")]
+    removed = redis_client.eval(_FORGET, 3, keys.JOBS_INDEX, *status_keys, "again", "expired")
+    assert removed == 1
+    assert [m.decode() for m in redis_client.zrange(keys.JOBS_INDEX, 0, -1)] == ["again"]

@@ -200,6 +200,19 @@ return 'cancelled'
 )
 
 
+# KEYS: index, then the status of each job. ARGV: the job ids. Removes from the index the jobs
+# whose status is gone; returns how many.
+_FORGET = """
+local removed = 0
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    removed = removed + redis.call('ZREM', KEYS[1], ARGV[i - 1])
+  end
+end
+return removed
+"""
+
+
 def retention_ms(seconds: float) -> int:
     """A retention time for the scripts: milliseconds, 0 (keep forever) for 0 or less."""
     return max(int(seconds * 1000), 0)
@@ -286,10 +299,12 @@ def list_jobs(client: redis.Redis, count: int = 50) -> list[dict[str, str]]:
             pipe.hgetall(keys.job_status(job_id))
         statuses = pipe.execute()
         gone = [job_id for job_id, raw in zip(ids, statuses, strict=True) if not raw]
-        if gone:
-            client.zrem(keys.JOBS_INDEX, *gone)
+        removed = 0
+        if gone:  # in a script: an id submitted again meanwhile keeps its entry
+            status_keys = [keys.job_status(job_id) for job_id in gone]
+            removed = int(client.eval(_FORGET, 1 + len(gone), keys.JOBS_INDEX, *status_keys, *gone))
         found += [{_text(k): _text(v) for k, v in raw.items()} for raw in statuses if raw]
-        start += len(ids) - len(gone)
+        start += len(ids) - removed
     return found[:count]
 
 
