@@ -242,6 +242,8 @@ def measure(
             )
             pooled[name].append(loop.run(pids[name]))
             if not name.startswith("echo"):
+                if loop.last_answer is None:
+                    raise RuntimeError(f"{name}: no call was answered ({loop.errors} errors)")
                 answer = digits_pb2.ClassifyResponse.FromString(loop.last_answer)
                 if len(answer.predictions) != images:
                     raise RuntimeError(
